@@ -1,0 +1,36 @@
+"""napari-coarseseg: segmentation networks trained from coarse drawings.
+
+The core (this package minus ``_widgets``) imports neither Qt nor napari, so
+it runs headless from Python and from the ``coarseseg`` command.
+"""
+
+__version__ = "0.1.0"
+
+from .annotations import AnnotationError, Role, simulate, validate_drawing, validate_image
+from .inference import Prediction, predict
+from .model_io import Model, ModelFileError, load_model, read_card, save_model
+from .refineseg import train_refineseg
+from .training import TrainingConfig, TrainingEvent, list_presets, load_preset, run_to_end, select_device
+
+__all__ = [
+    "__version__",
+    "AnnotationError",
+    "Model",
+    "ModelFileError",
+    "Prediction",
+    "Role",
+    "TrainingConfig",
+    "TrainingEvent",
+    "list_presets",
+    "load_model",
+    "load_preset",
+    "predict",
+    "read_card",
+    "run_to_end",
+    "save_model",
+    "select_device",
+    "simulate",
+    "train_refineseg",
+    "validate_drawing",
+    "validate_image",
+]

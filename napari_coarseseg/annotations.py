@@ -1,0 +1,385 @@
+"""Annotation roles, validation and simulation of coarse drawings from full masks.
+
+Label conventions (DESIGN.md, fixed):
+
+- positive layer: 0 = not annotated, k = "this pixel is class k";
+- background layer: any non-zero value = "this pixel is background" (the
+  positive mark for class 0, which a positive layer cannot hold because 0
+  means "not annotated");
+- negative layer: 0 = not annotated, k = "this pixel is NOT class k";
+- partial layer: 0 = nothing, k = rough inner region of an object of class k;
+- strong layer: a full mask (0 = background, k = class k);
+- separation layer: non-zero = interface between touching objects.
+
+Internally each drawing becomes a *target*: an ``int64`` array where ``-1``
+means "not annotated" and ``0..K`` is a class (for negative targets, the class
+the pixel is not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "Role",
+    "AnnotationError",
+    "CoarseDrawings",
+    "validate_image",
+    "validate_drawing",
+    "infer_n_classes",
+    "positive_target",
+    "background_target",
+    "negative_target",
+    "simulate",
+    "SimulatedDrawings",
+]
+
+UNANNOTATED = -1
+
+
+class Role(str, Enum):
+    """What a drawing layer says about the pixels it marks."""
+
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    BACKGROUND = "background"
+    PARTIAL = "partial"
+    STRONG = "strong"
+    SEPARATION = "separation"
+
+
+class AnnotationError(ValueError):
+    """An image or drawing that cannot be used; the message says how to fix it."""
+
+
+def _spatial_shape(image: np.ndarray, rgb: bool) -> tuple[int, ...]:
+    return tuple(image.shape[:-1]) if rgb else tuple(image.shape)
+
+
+def is_rgb(image: np.ndarray) -> bool:
+    """Guess whether the last axis of ``image`` holds colour channels.
+
+    A trailing axis of length 3 or 4 on a 3-D array is read as RGB(A); a stack
+    of three or four slices must then be passed with ``rgb=False``.
+    """
+    return image.ndim == 3 and image.shape[-1] in (3, 4)
+
+
+def validate_image(image, name: str = "image", rgb: bool | None = None) -> np.ndarray:
+    """Check that ``image`` is a 2-D image, a (Z, Y, X) stack or an RGB image.
+
+    Parameters
+    ----------
+    image : array_like
+        The image.
+    name : str
+        How to call the image in error messages (a layer or file name).
+    rgb : bool, optional
+        Whether the last axis holds colour channels; guessed by :func:`is_rgb`
+        when omitted.
+
+    Returns
+    -------
+    image : ndarray
+        The image as a NumPy array (no copy when possible).
+
+    Raises
+    ------
+    AnnotationError
+        If the image has the wrong number of dimensions, is empty or holds
+        NaN or infinite values.
+    """
+    image = np.asarray(image)
+    if rgb is None:
+        rgb = is_rgb(image)
+    spatial = image.ndim - (1 if rgb else 0)
+    if spatial not in (2, 3):
+        raise AnnotationError(
+            f"{name} has shape {image.shape}; expected (Y, X), (Z, Y, X) or (Y, X, 3). "
+            "Squeeze or select the axes you want to segment first."
+        )
+    if image.size == 0:
+        raise AnnotationError(f"{name} is empty (shape {image.shape}).")
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise AnnotationError(f"{name} has dtype {image.dtype}; expected numbers.")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise AnnotationError(
+            f"{name} contains NaN or infinite values; replace them (e.g. with "
+            "numpy.nan_to_num) before training or predicting."
+        )
+    return image
+
+
+def validate_drawing(
+    drawing,
+    spatial_shape: tuple[int, ...],
+    name: str = "drawing",
+    role: Role | str = Role.POSITIVE,
+) -> np.ndarray:
+    """Check one drawing layer against its image and return it as ``int64``.
+
+    Parameters
+    ----------
+    drawing : array_like
+        The Labels data.
+    spatial_shape : tuple of int
+        Shape of the image without its colour axis.
+    name : str
+        Layer or file name, used in messages.
+    role : Role or str
+        The layer's role, used in messages.
+
+    Raises
+    ------
+    AnnotationError
+        If the shape differs from the image's, the values are not
+        non-negative integers, or nothing is drawn.
+    """
+    role = Role(role)
+    drawing = np.asarray(drawing)
+    if drawing.shape != tuple(spatial_shape):
+        hint = ""
+        if drawing.ndim == len(spatial_shape) - 1:
+            hint = " It looks like a 2D drawing on a stack: draw in a Labels layer with the stack's shape."
+        raise AnnotationError(
+            f"{role.value} drawing {name!r} has shape {drawing.shape} but the image is "
+            f"{tuple(spatial_shape)}; drawings must have the image's shape.{hint}"
+        )
+    if drawing.dtype == bool:
+        drawing = drawing.astype(np.int64)
+    elif np.issubdtype(drawing.dtype, np.floating):
+        if not np.isfinite(drawing).all() or not np.array_equal(drawing, np.round(drawing)):
+            raise AnnotationError(
+                f"{role.value} drawing {name!r} holds non-integer values; labels are "
+                "whole numbers 0..K. Save it as an integer (Labels) image."
+            )
+    elif not np.issubdtype(drawing.dtype, np.integer):
+        raise AnnotationError(f"{role.value} drawing {name!r} has dtype {drawing.dtype}; expected integers.")
+    drawing = drawing.astype(np.int64, copy=False)
+    if drawing.size and drawing.min() < 0:
+        raise AnnotationError(
+            f"{role.value} drawing {name!r} holds negative values ({drawing.min()}); "
+            "use 0 for 'not annotated' and 1..K for classes."
+        )
+    if not drawing.any():
+        raise AnnotationError(
+            f"{role.value} drawing {name!r} is empty: nothing is drawn. Paint some pixels "
+            "or remove the layer from the training inputs."
+        )
+    return drawing
+
+
+def infer_n_classes(positive=(), negative=(), partial=(), strong=()) -> int:
+    """Number of object classes K: the largest label value over all drawings."""
+    values = [int(np.max(d)) for group in (positive, negative, partial, strong) for d in group]
+    return max(values, default=0)
+
+
+def positive_target(drawing: np.ndarray) -> np.ndarray:
+    """Target of a positive layer: class k where drawn, -1 elsewhere."""
+    return np.where(drawing > 0, drawing, UNANNOTATED).astype(np.int64)
+
+
+def background_target(drawing: np.ndarray) -> np.ndarray:
+    """Target of a background layer: class 0 where drawn, -1 elsewhere."""
+    return np.where(drawing > 0, 0, UNANNOTATED).astype(np.int64)
+
+
+def negative_target(drawing: np.ndarray) -> np.ndarray:
+    """Target of a negative layer: the excluded class k where drawn, -1 elsewhere."""
+    return np.where(drawing > 0, drawing, UNANNOTATED).astype(np.int64)
+
+
+@dataclass
+class CoarseDrawings:
+    """Validated drawings of one image, ready for training.
+
+    Attributes
+    ----------
+    image : ndarray
+        (Y, X), (Z, Y, X), (Y, X, C) or (Z, Y, X, C).
+    rgb : bool
+        Whether the last axis of ``image`` holds channels.
+    positive, negative, background : list of ndarray
+        Drawing layers, each of the image's spatial shape.
+    n_classes : int
+        Number of object classes K (background excluded).
+    """
+
+    image: np.ndarray
+    rgb: bool = False
+    positive: list = field(default_factory=list)
+    negative: list = field(default_factory=list)
+    background: list = field(default_factory=list)
+    n_classes: int = 0
+
+
+@dataclass
+class SimulatedDrawings:
+    """Coarse drawings made from a full mask by :func:`simulate`."""
+
+    positive: np.ndarray
+    negative: np.ndarray
+    partial: np.ndarray
+    classes: np.ndarray  # class mask derived from the input (0..K)
+
+
+def _instance_and_class_masks(labels: np.ndarray, instances: bool):
+    """Return ``(instance_mask, class_mask)`` from a class or instance mask."""
+    if instances:
+        instance_mask = labels
+        class_mask = (labels > 0).astype(np.int64)
+    else:
+        class_mask = labels
+        # Objects are the connected regions of each class: label every class
+        # at once by offsetting each class's component ids.
+        instance_mask = np.zeros(labels.shape, dtype=np.int64)
+        offset = 0
+        for k in np.unique(labels[labels > 0]):  # loop over classes, not objects
+            components, n = ndi.label(labels == k)
+            instance_mask[components > 0] = components[components > 0] + offset
+            offset += n
+    return instance_mask, class_mask
+
+
+def _distance_inside_objects(instance_mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance from each object pixel to the nearest pixel outside its object.
+
+    Pixels where two objects touch count as outside for both, so touching
+    objects are eroded apart. Background pixels get 0.
+    """
+    padded = np.pad(instance_mask, 1, mode="edge")
+    inner = (slice(1, -1),) * instance_mask.ndim
+    touches_other = np.zeros(instance_mask.shape, dtype=bool)
+    for axis in range(instance_mask.ndim):
+        for shift in (-1, 1):
+            neighbour = np.roll(padded, shift, axis=axis)[inner]
+            touches_other |= (neighbour > 0) & (neighbour != instance_mask)
+    return ndi.distance_transform_edt((instance_mask > 0) & ~touches_other)
+
+
+def _parse_range(value, name: str) -> tuple[float, float]:
+    if np.isscalar(value):
+        low = high = float(value)
+    else:
+        low, high = (float(v) for v in value)
+    if low < 0 or high < low:
+        raise AnnotationError(f"{name} must be a non-negative number or a range low-high, got {value!r}")
+    return low, high
+
+
+def simulate(
+    labels,
+    erode=(2, 4),
+    margin: float = 4,
+    partial_fraction: float = 0.45,
+    instances: bool = False,
+    seed: int | None = 0,
+) -> SimulatedDrawings:
+    """Simulate coarse drawings from a full mask (the RefineSeg protocol).
+
+    Parameters
+    ----------
+    labels : array_like of int
+        Full mask, 2-D or 3-D: a class mask (0 = background, k = class k)
+        or, with ``instances=True``, an instance mask whose objects are all
+        of class 1.
+    erode : float or (float, float)
+        Positive drawing: every object is eroded by a radius drawn uniformly
+        per object from this range (pixels). Objects thinner than their
+        radius leave no positive mark.
+    margin : float
+        Negative drawing: pixels farther than ``margin`` from class k (and
+        not of class k) are marked "not k". For several classes, each pixel
+        gets the nearest class it is not.
+    partial_fraction : float
+        Partial masks: the innermost ``partial_fraction`` of each object's
+        area (by distance to its border).
+    instances : bool
+        Read ``labels`` as an instance mask.
+    seed : int, optional
+        Seed of the per-object erosion radii.
+
+    Returns
+    -------
+    SimulatedDrawings
+        ``positive``, ``negative`` and ``partial`` label arrays of the mask's
+        shape, and the class mask used.
+
+    Notes
+    -----
+    Everything is computed with a few Euclidean distance transforms and
+    per-label reductions: no loop over objects or pixels.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3):
+        raise AnnotationError(f"labels must be 2-D or 3-D, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if labels.dtype == bool:
+            labels = labels.astype(np.int64)
+        else:
+            raise AnnotationError(f"labels have dtype {labels.dtype}; a mask holds integers.")
+    if labels.min() < 0:
+        raise AnnotationError("labels hold negative values; a mask holds 0 (background) and 1..K.")
+    if not labels.any():
+        raise AnnotationError("labels are all zero: there is no object to simulate drawings from.")
+    n_values = len(np.unique(labels)) - 1
+    if not instances and n_values > 32:
+        raise AnnotationError(
+            f"labels hold {n_values} distinct values; if this is an instance mask "
+            "(one value per object), pass instances=True (--instances on the command line)."
+        )
+    if not 0 < partial_fraction <= 1:
+        raise AnnotationError(f"partial_fraction must be in (0, 1], got {partial_fraction}")
+    low, high = _parse_range(erode, "erode")
+    if margin < 0:
+        raise AnnotationError(f"margin must be non-negative, got {margin}")
+
+    labels = labels.astype(np.int64)
+    instance_mask, class_mask = _instance_and_class_masks(labels, instances)
+    distance = _distance_inside_objects(instance_mask)
+
+    # Positive: pixels deeper than the object's own random radius.
+    rng = np.random.default_rng(seed)
+    radius_of_object = rng.uniform(low, high, size=int(instance_mask.max()) + 1)
+    positive = np.where(distance > radius_of_object[instance_mask], class_mask, 0)
+
+    # Negative: per class, the complement of its dilation by `margin`; each
+    # pixel gets the nearest class it is not. One EDT per class.
+    n_classes = int(class_mask.max())
+    nearest_distance = np.full(labels.shape, np.inf)
+    negative = np.zeros(labels.shape, dtype=np.int64)
+    for k in range(1, n_classes + 1):  # loop over classes, not objects
+        in_class = class_mask == k
+        if not in_class.any():
+            continue
+        distance_to_class = ndi.distance_transform_edt(~in_class)
+        eligible = (distance_to_class > margin) & (distance_to_class < nearest_distance)
+        negative[eligible] = k
+        nearest_distance = np.where(eligible, distance_to_class, nearest_distance)
+
+    # Partial: the innermost fraction of each object, by rank of depth inside
+    # the object (a lexicographic sort groups pixels by object).
+    flat_ids = instance_mask.ravel()
+    object_pixels = np.flatnonzero(flat_ids)
+    order = object_pixels[np.lexsort((-distance.ravel()[object_pixels], flat_ids[object_pixels]))]
+    sorted_ids = flat_ids[order]
+    first_of_object = np.searchsorted(sorted_ids, sorted_ids, side="left")
+    rank = np.arange(order.size) - first_of_object
+    counts = np.bincount(flat_ids, minlength=int(flat_ids.max()) + 1)
+    keep = rank < np.maximum(1, np.round(partial_fraction * counts[sorted_ids]))
+    partial = np.zeros(labels.size, dtype=np.int64)
+    partial[order[keep]] = class_mask.ravel()[order[keep]]
+    partial = partial.reshape(labels.shape)
+
+    dtype = np.uint8 if n_classes < 256 else np.uint16
+    return SimulatedDrawings(
+        positive=positive.astype(dtype),
+        negative=negative.astype(dtype),
+        partial=partial.astype(dtype),
+        classes=class_mask.astype(dtype),
+    )

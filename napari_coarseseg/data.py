@@ -1,0 +1,191 @@
+"""Training data: normalisation, slicing of stacks, patch sampling, augmentation.
+
+Images enter as (Y, X), (Z, Y, X), (Y, X, C) or (Z, Y, X, C) NumPy arrays and
+leave as lists of (C, Y, X) float32 planes: stacks are handled slice by slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "normalize",
+    "to_planes",
+    "PatchSampler",
+    "augment",
+]
+
+
+def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, rgb: bool = False) -> np.ndarray:
+    """Robust intensity normalisation to roughly zero mean, unit variance.
+
+    Each channel is mapped so that its ``low`` and ``high`` percentiles become
+    0 and 1 (robust min-max), then centred and scaled by its mean and standard
+    deviation, as in the RefineSeg setup. Outliers are not clipped.
+
+    Parameters
+    ----------
+    image : ndarray
+        Image; with ``rgb=True`` the last axis holds channels and each channel
+        is normalised on its own.
+    low, high : float
+        Percentiles mapped to 0 and 1.
+    rgb : bool
+        Whether the last axis holds channels.
+
+    Returns
+    -------
+    ndarray of float32
+        Same shape as ``image``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    axes = tuple(range(image.ndim - 1)) if rgb else None
+    lo, hi = np.percentile(image, [low, high], axis=axes, keepdims=True)
+    scaled = (image - lo) / np.maximum(hi - lo, 1e-6)
+    mean = scaled.mean(axis=axes, keepdims=True)
+    std = scaled.std(axis=axes, keepdims=True)
+    return ((scaled - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+
+
+def to_planes(image: np.ndarray, rgb: bool) -> list[np.ndarray]:
+    """Split an image into a list of (C, Y, X) planes (one per slice of a stack)."""
+    spatial_ndim = image.ndim - (1 if rgb else 0)
+    if not rgb:
+        image = image[..., None]
+    if spatial_ndim == 2:
+        image = image[None]
+    return [np.ascontiguousarray(np.moveaxis(plane, -1, 0)) for plane in image]
+
+
+def to_slices(array: np.ndarray, spatial_ndim: int) -> list[np.ndarray]:
+    """Split a (Y, X) or (Z, Y, X) label array into a list of (Y, X) slices."""
+    return [array] if spatial_ndim == 2 else list(array)
+
+
+class PatchSampler:
+    """Draw random training patches, biased towards drawn pixels.
+
+    Parameters
+    ----------
+    planes : list of ndarray
+        Normalised (C, Y, X) planes.
+    targets : list of list of ndarray
+        ``targets[s][i]`` is the (Y, X) int target of strategy ``s`` on plane
+        ``i`` (-1 where not annotated).
+    patch_size : int
+        Side of the square patches.
+    drawn_fraction : float
+        Fraction of patches centred on a drawn pixel (any strategy); the rest
+        are centred uniformly at random so that un-drawn regions are seen too.
+    rng : numpy.random.Generator
+        Source of randomness (seeded runs are reproducible).
+
+    Notes
+    -----
+    Planes are padded by half a patch (reflect for the image, -1 for targets),
+    so every centre yields a full patch and small images work too.
+    """
+
+    def __init__(self, planes, targets, patch_size: int, drawn_fraction: float, rng):
+        self.patch_size = patch_size
+        self.drawn_fraction = drawn_fraction
+        self.rng = rng
+        half = patch_size // 2
+        pad = ((half, patch_size - half),) * 2
+        self.images = [np.pad(p, ((0, 0),) + pad, mode="reflect" if min(p.shape[1:]) > 1 else "edge") for p in planes]
+        self.targets = [
+            [np.pad(t, pad, constant_values=-1).astype(np.int16) for t in strategy] for strategy in targets
+        ]
+        self.shapes = [p.shape[1:] for p in planes]
+        # Flat indices of drawn pixels per plane, concatenated, so that one
+        # vectorised draw picks a drawn pixel uniformly over all planes.
+        drawn_per_plane = []
+        for i, shape in enumerate(self.shapes):
+            drawn = np.zeros(shape, dtype=bool)
+            for strategy in targets:
+                drawn |= strategy[i] >= 0
+            drawn_per_plane.append(np.flatnonzero(drawn))
+        self.drawn_plane = np.concatenate(
+            [np.full(d.size, i, dtype=np.int64) for i, d in enumerate(drawn_per_plane)]
+        )
+        self.drawn_index = np.concatenate(drawn_per_plane)
+        sizes = np.array([s[0] * s[1] for s in self.shapes], dtype=np.float64)
+        self.plane_weights = sizes / sizes.sum()
+
+    def centres(self, n: int) -> np.ndarray:
+        """``n`` rows of (plane, y, x) patch centres."""
+        rows = np.empty((n, 3), dtype=np.int64)
+        on_drawn = self.rng.random(n) < self.drawn_fraction
+        if self.drawn_index.size == 0:
+            on_drawn[:] = False
+        k = int(on_drawn.sum())
+        if k:
+            pick = self.rng.integers(0, self.drawn_index.size, size=k)
+            plane = self.drawn_plane[pick]
+            widths = np.array([s[1] for s in self.shapes])[plane]
+            rows[on_drawn, 0] = plane
+            rows[on_drawn, 1] = self.drawn_index[pick] // widths
+            rows[on_drawn, 2] = self.drawn_index[pick] % widths
+        m = n - k
+        if m:
+            plane = self.rng.choice(len(self.shapes), size=m, p=self.plane_weights)
+            heights = np.array([s[0] for s in self.shapes])[plane]
+            widths = np.array([s[1] for s in self.shapes])[plane]
+            rows[~on_drawn, 0] = plane
+            rows[~on_drawn, 1] = (self.rng.random(m) * heights).astype(np.int64)
+            rows[~on_drawn, 2] = (self.rng.random(m) * widths).astype(np.int64)
+        return rows
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: images (n, C, P, P) float32 and targets (S, n, P, P) int64."""
+        p = self.patch_size
+        rows = self.centres(n)
+        # Centre (y, x) in plane coordinates is (y + half, x + half) in padded
+        # coordinates, so the patch starts at (y, x).
+        images = np.stack([self.images[i][:, y : y + p, x : x + p] for i, y, x in rows])
+        targets = np.stack(
+            [np.stack([strategy[i][y : y + p, x : x + p] for i, y, x in rows]) for strategy in self.targets]
+        ) if self.targets else np.zeros((0, n, p, p))
+        return images, targets.astype(np.int64)
+
+
+def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, jitter: float = 0.1):
+    """Random flips, 90-degree rotations and mild intensity jitter, per sample.
+
+    Parameters
+    ----------
+    images : Tensor
+        (B, C, P, P) batch.
+    targets : Tensor
+        (S, B, P, P) targets, transformed with the same geometry.
+    generator : torch.Generator
+        Seeded source of randomness (on the CPU).
+    jitter : float
+        Intensities become ``x * (1 + a) + b`` with ``a, b`` uniform in
+        ``[-jitter, jitter]`` per sample.
+
+    Returns
+    -------
+    images, targets : Tensor
+    """
+    b = images.shape[0]
+    draws = torch.randint(0, 8, (b,), generator=generator).tolist()
+    out_images, out_targets = [], []
+    # A loop over the few samples of a batch, not over pixels: each sample
+    # gets one of the 8 symmetries of the square.
+    for i, code in enumerate(draws):
+        image, target = images[i], targets[:, i]
+        if code & 4:
+            image, target = image.flip(-1), target.flip(-1)
+        image = torch.rot90(image, code & 3, dims=(-2, -1))
+        target = torch.rot90(target, code & 3, dims=(-2, -1))
+        out_images.append(image)
+        out_targets.append(target)
+    images = torch.stack(out_images)
+    targets = torch.stack(out_targets, dim=1)
+    if jitter:
+        scale = 1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * jitter
+        shift = (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * jitter
+        images = images * scale.to(images.device) + shift.to(images.device)
+    return images, targets

@@ -1,0 +1,217 @@
+"""Model files: weights in safetensors plus a JSON card, never unpickled.
+
+A model file is one ``.safetensors`` file. Its header metadata holds the card
+(method, classes, channels, normalisation, network, training summary) as JSON,
+so a single file travels by e-mail and describes itself. Loading parses JSON
+and raw tensors only: no code in the file is ever executed. Writes go to a
+temporary file in the same folder, then are renamed over the target, so a
+crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .networks import TransitionHead, UNet
+
+__all__ = ["Model", "ModelFileError", "save_model", "load_model", "read_card", "atomic_write", "FORMAT_VERSION"]
+
+FORMAT_NAME = "napari-coarseseg-model"
+FORMAT_VERSION = 1
+METHODS = ("refineseg", "recursive")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message says why."""
+
+
+@dataclass
+class Model:
+    """A trained network with everything needed to apply it.
+
+    Attributes
+    ----------
+    network : UNet
+        The segmentation network.
+    heads : nn.ModuleList
+        Transition heads of the refineseg method, one per drawing layer
+        (empty for other methods); used for the annotation-reliability map.
+    card : dict
+        The model card (see :func:`make_card`).
+    """
+
+    network: nn.Module
+    heads: nn.ModuleList = field(default_factory=nn.ModuleList)
+    card: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.card["method"]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of object classes K (background excluded)."""
+        return int(self.card["n_classes"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.card["channels"])
+
+    @property
+    def rgb(self) -> bool:
+        return bool(self.card.get("rgb", False))
+
+    def to(self, device) -> "Model":
+        self.network.to(device)
+        self.heads.to(device)
+        return self
+
+    def eval(self) -> "Model":
+        self.network.eval()
+        self.heads.eval()
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"network.{k}": v for k, v in self.network.state_dict().items()}
+        state.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
+        return state
+
+
+def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: dict, **extra) -> dict:
+    """A model card with the fields every model file carries."""
+    from . import __version__
+
+    card = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "n_classes": int(n_classes),
+        "class_names": [f"class {k}" for k in range(1, n_classes + 1)],
+        "channels": int(channels),
+        "rgb": bool(rgb),
+        "network": network,
+        "normalisation": {"kind": "percentile-zscore", "low": 1.0, "high": 99.8},
+        "package_version": __version__,
+    }
+    card.update(extra)
+    return card
+
+
+def build_network(card: dict) -> tuple[nn.Module, nn.ModuleList]:
+    """Instantiate the (untrained) network and heads a card describes."""
+    net = card["network"]
+    kind = net.get("kind", "unet")
+    n_labels = card["n_classes"] + 1
+    if kind == "unet":
+        network = UNet(card["channels"], n_labels, int(net["base_channels"]), int(net["depth"]))
+    elif kind == "multitask":
+        from .multitask import MultiTaskUNet
+
+        network = MultiTaskUNet(card["channels"], n_labels, int(net["base_channels"]), int(net["depth"]),
+                                separation=bool(net.get("separation", False)))
+    else:
+        raise ModelFileError(f"unknown network kind {kind!r} in the model card")
+    heads = nn.ModuleList(
+        [TransitionHead(int(net["base_channels"]), n_labels) for _ in range(int(net.get("n_heads", 0)))]
+    )
+    return network, heads
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_model(model: Model, path) -> Path:
+    """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"coarseseg_card": json.dumps(model.card)}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def _validate_card(card, path) -> dict:
+    if not isinstance(card, dict) or card.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path} is not a napari-coarseseg model (its card has no {FORMAT_NAME!r} format)")
+    version = card.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has model format version {version!r}; this napari-coarseseg reads up to "
+            f"{FORMAT_VERSION}. Upgrade napari-coarseseg."
+        )
+    if card.get("method") not in METHODS:
+        raise ModelFileError(f"{path}: unknown method {card.get('method')!r}; expected one of {METHODS}")
+    for key in ("n_classes", "channels"):
+        if not isinstance(card.get(key), int) or card[key] < 1:
+            raise ModelFileError(f"{path}: card field {key!r} must be a positive integer, got {card.get(key)!r}")
+    net = card.get("network")
+    if not isinstance(net, dict) or not all(isinstance(net.get(k), int) for k in ("base_channels", "depth")):
+        raise ModelFileError(f"{path}: card field 'network' must give integer base_channels and depth")
+    return card
+
+
+def read_card(path) -> dict:
+    """Read and validate the card of a model file without loading weights."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(f"{path} is not a readable safetensors model file ({error})") from None
+    try:
+        card = json.loads(metadata["coarseseg_card"])
+    except (KeyError, json.JSONDecodeError):
+        raise ModelFileError(f"{path} carries no valid napari-coarseseg card") from None
+    return _validate_card(card, path)
+
+
+def load_model(path, device="cpu") -> Model:
+    """Load a model file: parse the card, build the network, load raw tensors.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is missing, not a safetensors file, carries no valid card,
+        or its tensors do not match the network the card describes.
+    """
+    from safetensors.torch import load_file
+
+    card = read_card(path)
+    network, heads = build_network(card)
+    state = load_file(str(path), device="cpu")
+    model = Model(network, heads, card)
+    network_state = {k[len("network.") :]: v for k, v in state.items() if k.startswith("network.")}
+    heads_state = {k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")}
+    try:
+        network.load_state_dict(network_state, strict=True)
+        heads.load_state_dict(heads_state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise ModelFileError(f"{path}: weights do not match the network its card describes ({first})") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
+    return model.to(device).eval()

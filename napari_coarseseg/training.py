@@ -1,0 +1,231 @@
+"""What both training methods share: configuration, presets, devices, events.
+
+Training is a generator of :class:`TrainingEvent`: the caller (a terminal
+progress bar, a napari thread worker, a benchmark) pulls events and decides
+what to show; closing the generator cancels training. The trained
+:class:`~napari_coarseseg.model_io.Model` is the generator's return value
+(``StopIteration.value``; napari's ``thread_worker`` emits it as
+``returned``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TrainingConfig",
+    "TrainingEvent",
+    "load_preset",
+    "list_presets",
+    "select_device",
+    "describe_device",
+    "run_to_end",
+    "seed_everything",
+]
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of a training run (defaults: the ``refineseg`` preset).
+
+    Attributes
+    ----------
+    steps : int
+        Optimiser steps (refineseg) or steps per iteration (recursive).
+    iterations : int
+        Recursive method: number of recursive approximation iterations K.
+    batch_size, patch_size : int
+        Patches per step and their side in pixels.
+    learning_rate, weight_decay : float
+        AdamW settings; the learning rate follows a one-cycle schedule.
+    base_channels, depth : int
+        U-Net width and number of down-sampling steps.
+    alpha, beta, regulariser_weight : float
+        Refineseg loss weights (eq. 2-8).
+    diagonal_bias : float
+        Initial diagonal logit of the transition heads.
+    drawn_fraction : float
+        Fraction of patches centred on a drawn pixel.
+    jitter : float
+        Intensity jitter amplitude of the augmentation.
+    evolution_every : int
+        Refineseg: yield masks on the training images every this many steps
+        (0: only at the end).
+    epsilon_train, epsilon_predict : float
+        Recursive method: level-set growth speed during training and for the
+        final growth at prediction.
+    task_weights : dict
+        Recursive method: loss weight of each task.
+    """
+
+    steps: int = 400
+    iterations: int = 10
+    batch_size: int = 8
+    patch_size: int = 128
+    learning_rate: float = 3e-3
+    weight_decay: float = 2e-5
+    base_channels: int = 16
+    depth: int = 4
+    alpha: float = 0.6
+    beta: float = 0.4
+    regulariser_weight: float = 0.2
+    diagonal_bias: float = 4.0
+    drawn_fraction: float = 0.9
+    jitter: float = 0.1
+    evolution_every: int = 50
+    epsilon_train: float = 0.2
+    epsilon_predict: float = 1.0
+    task_weights: dict = field(default_factory=lambda: {"strong": 1.0, "partial": 1.0, "separation": 0.5})
+
+    def replace(self, **changes) -> "TrainingConfig":
+        """A copy with some fields changed; ``None`` values are ignored."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        values = asdict(self)
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return TrainingConfig(**values)
+
+    def validate(self) -> "TrainingConfig":
+        for name in ("steps", "iterations", "batch_size", "base_channels", "depth"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.patch_size < 2**self.depth or self.patch_size % 2**self.depth:
+            raise ValueError(
+                f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
+            )
+        if not 0 <= self.drawn_fraction <= 1:
+            raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
+        return self
+
+
+@dataclass
+class TrainingEvent:
+    """Progress of a training run.
+
+    Attributes
+    ----------
+    step, total_steps : int
+        Optimiser steps done and planned.
+    losses : dict of str to float
+        Loss terms of the last step.
+    elapsed : float
+        Seconds since training started.
+    iteration : int
+        Index of the evolution plane ``masks`` belongs to (recursive: the
+        approximation iteration; refineseg: the checkpoint number).
+    masks : list of ndarray, optional
+        Current masks on each training image (labels 0..K), present every
+        ``evolution_every`` steps (refineseg) or after every iteration
+        (recursive).
+    message : str
+        Short human-readable status.
+    """
+
+    step: int
+    total_steps: int
+    losses: dict
+    elapsed: float
+    iteration: int = 0
+    masks: list | None = None
+    message: str = ""
+
+
+def _presets_dir() -> Path:
+    """Folder of the presets: the repository's ``models/`` or its installed copy."""
+    source_tree = Path(__file__).resolve().parent.parent / "models"
+    if (source_tree / "refineseg.json").is_file():
+        return source_tree
+    return Path(str(resources.files("napari_coarseseg") / "models"))
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``models/``."""
+    return sorted(p.stem for p in _presets_dir().glob("*.json"))
+
+
+def load_preset(name: str) -> TrainingConfig:
+    """Load a preset from ``models/`` by name (e.g. ``"refineseg"``) or from a JSON path."""
+    path = Path(name)
+    if not path.is_file():
+        path = _presets_dir() / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    settings = json.loads(path.read_text())
+    settings.pop("description", None)
+    settings.pop("method", None)
+    return TrainingConfig().replace(**settings).validate()
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """Resolve ``"auto"`` to CUDA, then Apple MPS, then CPU; check explicit requests."""
+    if isinstance(device, torch.device):
+        return device
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' was requested but Apple MPS is not available; use cpu or auto")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def describe_device(device: torch.device) -> str:
+    """A short human description, e.g. ``"CUDA: NVIDIA H100"`` or ``"CPU, 2 threads"``."""
+    if device.type == "cuda":
+        return f"CUDA: {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "Apple MPS"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def seed_everything(seed: int | None) -> tuple[np.random.Generator, torch.Generator]:
+    """Seed torch and return NumPy and torch generators for data sampling."""
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """Mixed precision (bfloat16) on CUDA, a no-op elsewhere."""
+    # float16 would need a gradient scaler; GPUs without bfloat16 run in float32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type if device.type != "mps" else "cpu", enabled=False)
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Give cached GPU memory back to the driver after training."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_to_end(generator, callback=None):
+    """Exhaust a training generator, calling ``callback(event)``; return its model."""
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(event)
+
+
+def cpu_threads() -> int:
+    """Threads torch uses on the CPU (respects ``OMP_NUM_THREADS``)."""
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
