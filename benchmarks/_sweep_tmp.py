@@ -12,7 +12,7 @@ for cfg in configs:
     ds=[];ar=[];th=[]
     t=time.time()
     kw=dict(cfg); kind=kw.pop('_kind','refine')
-    for f in range(4):
+    for f in json.loads(sys.argv[3]) if len(sys.argv)>3 else range(4):
         test=Q[f]; train=[q for i,q in enumerate(Q) if i!=f]
         gt=lb[test]>0
         if kind=='refine':

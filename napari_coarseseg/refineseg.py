@@ -174,6 +174,19 @@ class TrainingInputs:
         prior = np.clip(prior, 1e-3, None)
         return prior / prior.sum()
 
+    def drawn_masks(self) -> list[np.ndarray]:
+        """The positive drawings as a label mask per image (iteration 0 of the evolution).
+
+        Where layers overlap, the first layer wins; undrawn pixels are 0.
+        """
+        merged = []
+        for plane in range(len(self.planes)):
+            labels = np.full(self.planes[plane].shape[1:], -1, dtype=np.int64)
+            for strategy in self.positive_targets:
+                labels = np.where(labels < 0, strategy[plane], labels)
+            merged.append(np.clip(labels, 0, None).astype(np.uint8 if self.n_classes < 256 else np.uint16))
+        return self.masks_per_image(merged)
+
     def masks_per_image(self, plane_labels: list[np.ndarray]) -> list[np.ndarray]:
         """Regroup per-plane label arrays into one array per image."""
         out = []
@@ -288,7 +301,8 @@ def train_refineseg(
     losses = {}
     checkpoint = 0
     try:
-        yield TrainingEvent(0, config.steps, {}, 0.0, message=f"training on {describe_device(device)}")
+        yield TrainingEvent(0, config.steps, {}, 0.0, iteration=0, masks=inputs.drawn_masks(),
+                            message=f"training on {describe_device(device)}")
         network.train()
         heads.train()
         for step in range(1, config.steps + 1):

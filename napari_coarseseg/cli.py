@@ -1,0 +1,273 @@
+"""The ``coarseseg`` command: simulate drawings, train, predict, run the demo.
+
+Every sub-command is a thin wrapper around a Python function of the core, so
+``coarseseg train ...`` and :func:`napari_coarseseg.train_refineseg` do the
+same thing. Errors print one line on stderr and exit with status 1 (2 for
+misuse of the command line, as argparse does); outputs are written only when
+everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .annotations import AnnotationError
+from .io import InputError, match_by_name, read_tiff, resolve_inputs, write_all, write_tiff
+from .model_io import ModelFileError
+
+#: Exceptions that mean "the user's input is wrong": reported in one line.
+USER_ERRORS = (AnnotationError, InputError, ModelFileError, ValueError, FileNotFoundError, FloatingPointError)
+
+
+def _parse_erode(text: str) -> tuple[float, float]:
+    """``"3"`` -> (3, 3); ``"2-4"`` -> (2, 4)."""
+    try:
+        parts = [float(p) for p in text.split("-")] if "-" in text.strip("-") else [float(text)] * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a radius like 3 or a range like 2-4, got {text!r}") from None
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected a radius like 3 or a range like 2-4, got {text!r}")
+    return parts[0], parts[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coarseseg",
+        description="Train segmentation networks from coarse drawings (RefineSeg) and apply them.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-coarseseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="simulate coarse drawings from a full mask",
+                         description="Write positive.tif, negative.tif and partial.tif simulated from a full mask.")
+    sim.add_argument("labels", help="full mask TIFF (0 = background, 1..K = classes, or instances)")
+    sim.add_argument("--out-dir", required=True, help="folder for positive.tif, negative.tif, partial.tif")
+    sim.add_argument("--erode", type=_parse_erode, default=(2.0, 4.0),
+                     help="erosion radius of positive drawings, a number or a range low-high (default 2-4)")
+    sim.add_argument("--margin", type=float, default=4.0,
+                     help="negative drawings start this many pixels outside a class (default 4)")
+    sim.add_argument("--partial-fraction", type=float, default=0.45,
+                     help="fraction of each object's area kept in the partial mask (default 0.45)")
+    sim.add_argument("--instances", action="store_true",
+                     help="the mask is an instance mask (one value per object, all of class 1)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the per-object erosion radii (default 0)")
+
+    train = sub.add_parser("train", help="train a model from an image and its coarse drawings",
+                           description="Train a model. IMAGE and drawings are TIFFs of identical shape, or "
+                                       "folders of TIFFs matched by file name.")
+    train.add_argument("image", help="training image TIFF or folder of TIFFs")
+    train.add_argument("--method", choices=["refineseg"], default="refineseg",
+                       help="training method (default refineseg)")
+    train.add_argument("--positive", action="append", default=[], metavar="P.tif",
+                       help="positive drawing (k = 'this is class k'); repeat for several annotators")
+    train.add_argument("--negative", action="append", default=[], metavar="N.tif",
+                       help="negative drawing (k = 'this is not class k'); repeatable")
+    train.add_argument("--background", action="append", default=[], metavar="B.tif",
+                       help="background drawing (non-zero = background); repeatable")
+    train.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    train.add_argument("--preset", default="refineseg", help="settings preset from models/ or a JSON file")
+    train.add_argument("--steps", type=int, help="training steps (default from the preset)")
+    train.add_argument("--classes", type=int, help="number of classes K (default: the largest drawn value)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    train.add_argument("--evolution", metavar="EVO.tif",
+                       help="write the masks on the training image at each checkpoint, iteration 0 first")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pred = sub.add_parser("predict", help="segment images with a trained model")
+    pred.add_argument("model", help="model file written by 'coarseseg train'")
+    pred.add_argument("image", help="image TIFF or folder of TIFFs")
+    pred.add_argument("--out", required=True, help="output TIFF (or folder, for a folder of images)")
+    pred.add_argument("--probabilities", metavar="PROB.tif",
+                      help="also write class probabilities (classes first); single image only")
+    pred.add_argument("--reliability", metavar="REL.tif",
+                      help="also write the annotation-reliability map; single image only")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the bundled sample image",
+                          description="Simulate drawings on the bundled DSB 2018 nuclei image, train on its "
+                                      "left half, segment the whole image, score the right half against the "
+                                      "expert mask and write outputs plus a figure.")
+    demo.add_argument("--out-dir", default="coarseseg-demo", help="output folder (default ./coarseseg-demo)")
+    demo.add_argument("--steps", type=int, help="training steps (default from the preset)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+class _Progress:
+    """A tqdm bar fed by training events (silent when not on a terminal or quiet)."""
+
+    def __init__(self, total: int, quiet: bool, description: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit="step", disable=quiet or None, leave=True,
+                        dynamic_ncols=True)
+
+    def __call__(self, event) -> None:
+        if event.step > self.bar.n:
+            self.bar.update(event.step - self.bar.n)
+        if event.losses:
+            self.bar.set_postfix(loss=f"{event.losses['total']:.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _output_path(path, suffix: str | None = None) -> Path:
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
+    if suffix and path.suffix.lower() != suffix:
+        raise InputError(f"{str(path)!r} should end in {suffix}")
+    return path
+
+
+def cmd_simulate(args) -> int:
+    from .annotations import simulate
+
+    out_dir = Path(args.out_dir)
+    labels = read_tiff(args.labels)
+    drawings = simulate(labels, erode=args.erode, margin=args.margin, partial_fraction=args.partial_fraction,
+                        instances=args.instances, seed=args.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = write_all({
+        out_dir / "positive.tif": drawings.positive,
+        out_dir / "negative.tif": drawings.negative,
+        out_dir / "partial.tif": drawings.partial,
+    })
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _load_training_set(args):
+    image_files = resolve_inputs(args.image)
+    images = [read_tiff(p) for p in image_files]
+
+    def layers(paths, role):
+        out = []
+        for path in paths:
+            matched = match_by_name(image_files, path, role)
+            out.append([None if p is None else read_tiff(p) for p in matched])
+        return out
+
+    return (image_files, images, layers(args.positive, "positive"), layers(args.negative, "negative"),
+            layers(args.background, "background"))
+
+
+def cmd_train(args) -> int:
+    from .model_io import save_model
+    from .refineseg import train_refineseg
+    from .training import load_preset, run_to_end
+
+    out = _output_path(args.out, ".safetensors")
+    evolution_path = _output_path(args.evolution) if args.evolution else None
+    config = load_preset(args.preset)
+    if args.steps is not None:
+        config = config.replace(steps=args.steps)
+    image_files, images, positive, negative, background = _load_training_set(args)
+    if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
+        raise InputError("--evolution needs a folder when training on a folder of images")
+
+    evolution: list[list[np.ndarray]] = []
+
+    def collect(event):
+        progress(event)
+        if event.masks is not None:
+            evolution.append(event.masks)
+
+    progress = _Progress(config.steps, args.quiet, "training")
+    try:
+        model = run_to_end(
+            train_refineseg(images, positive, negative, background, config=config, n_classes=args.classes,
+                            seed=args.seed, device=args.device, names=[p.name for p in image_files]),
+            collect,
+        )
+    finally:
+        progress.close()
+    outputs = {}
+    if evolution_path is not None:
+        for i, file in enumerate(image_files):
+            target = evolution_path / file.name if evolution_path.is_dir() else evolution_path
+            outputs[target] = np.stack([masks[i] for masks in evolution])
+    # The model goes last so that a failing evolution write leaves no model.
+    if outputs:
+        write_all(outputs)
+    save_model(model, out)
+    summary = model.card["training"]
+    print(f"wrote {out} ({summary['steps']} steps in {summary['seconds']:.1f} s on {summary['device']})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import predict
+    from .model_io import load_model
+
+    model = load_model(args.model)
+    image_files = resolve_inputs(args.image)
+    out = Path(args.out)
+    if len(image_files) > 1 or Path(args.image).is_dir():
+        if not out.is_dir():
+            raise InputError(f"--out {str(out)!r} must be an existing folder when IMAGE is a folder")
+        if args.probabilities or args.reliability:
+            raise InputError("--probabilities and --reliability need a single image, not a folder")
+        targets = [out / p.name for p in image_files]
+    else:
+        targets = [_output_path(out)]
+    from tqdm.auto import tqdm
+
+    for file, target in tqdm(list(zip(image_files, targets)), desc="predicting", unit="image",
+                             disable=args.quiet or None):
+        prediction = predict(model, read_tiff(file), device=args.device, name=file.name)
+        outputs = {target: prediction.labels}
+        if args.probabilities:
+            outputs[_output_path(args.probabilities)] = prediction.probabilities.astype(np.float32)
+        if args.reliability and prediction.reliability is not None:
+            outputs[_output_path(args.reliability)] = prediction.reliability.astype(np.float32)
+        write_all(outputs)
+    print(f"wrote {len(targets)} prediction{'s' if len(targets) > 1 else ''} to "
+          f"{targets[0] if len(targets) == 1 else out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out_dir, steps=args.steps, device=args.device, quiet=args.quiet)
+    print(f"Dice on the held-out right half: {result['dice']:.3f}; outputs in {result['out_dir']}")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        status = COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        print(f"coarseseg {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"coarseseg {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"coarseseg {args.command}: error: out of memory; use smaller images or --device cpu",
+              file=sys.stderr)
+        return 1
+    if not getattr(args, "quiet", False):
+        print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

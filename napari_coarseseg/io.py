@@ -1,0 +1,118 @@
+"""Reading and writing images for batch mode: TIFF files and folders of TIFFs.
+
+A folder argument stands for all ``.tif``/``.tiff`` files in it; the files of
+an image folder and of its annotation folders are matched by file name.
+Writes go through :func:`napari_coarseseg.model_io.atomic_write` so that an
+interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .model_io import atomic_write
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class InputError(ValueError):
+    """A file or folder given on the command line cannot be used."""
+
+
+def tiff_files(folder) -> list[Path]:
+    """TIFF files of ``folder``, sorted by name."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+    if not files:
+        raise InputError(f"folder {str(folder)!r} holds no .tif or .tiff file")
+    return files
+
+
+def read_tiff(path) -> np.ndarray:
+    """Read one TIFF file into an array, with a clear error if it cannot be read."""
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"file {str(path)!r} does not exist")
+    try:
+        return np.asarray(tifffile.imread(path))
+    except Exception as error:  # tifffile raises many types for bad files
+        raise InputError(f"cannot read {str(path)!r} as a TIFF image ({type(error).__name__}: {error})") from None
+
+
+def resolve_inputs(path) -> list[Path]:
+    """The image files a path stands for: itself, or the TIFFs of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return tiff_files(path)
+    if not path.exists():
+        raise InputError(f"{str(path)!r} does not exist")
+    return [path]
+
+
+def match_by_name(image_files: list[Path], annotation_path, role: str) -> list[Path | None]:
+    """For each image, the annotation file of the same name (``None`` if absent).
+
+    A single annotation file goes with a single image. In a folder, every
+    file must match an image: a stray name is most likely a typo.
+    """
+    annotation_path = Path(annotation_path)
+    if annotation_path.is_file() or not annotation_path.exists():
+        if not annotation_path.exists():
+            raise InputError(f"{role} annotation {str(annotation_path)!r} does not exist")
+        if len(image_files) != 1:
+            raise InputError(
+                f"{role} annotation {str(annotation_path)!r} is one file but the images are a folder of "
+                f"{len(image_files)}; pass a folder of {role} files named like the images"
+            )
+        return [annotation_path]
+    by_name = {p.name: p for p in tiff_files(annotation_path)}
+    image_names = {p.name for p in image_files}
+    stray = sorted(set(by_name) - image_names)
+    if stray:
+        raise InputError(
+            f"{role} folder {str(annotation_path)!r} has files with no image of the same name: "
+            f"{', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}"
+        )
+    return [by_name.get(p.name) for p in image_files]
+
+
+def write_tiff(path, array: np.ndarray) -> Path:
+    """Write ``array`` to ``path`` atomically (compressed, ImageJ-readable for labels)."""
+    import tifffile
+
+    array = np.asarray(array)
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, compression="zlib"))
+
+
+def write_all(outputs: dict) -> list[Path]:
+    """Write several arrays so that either all of them appear or none does.
+
+    Each array goes to a temporary file first; only when every write has
+    succeeded are they renamed onto their final names.
+    """
+    import tempfile
+
+    import tifffile
+
+    staged = []
+    try:
+        for path, array in outputs.items():
+            path = Path(path)
+            if not path.parent.exists():
+                raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            tifffile.imwrite(tmp, np.asarray(array), compression="zlib")
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return [path for _, path in staged]
