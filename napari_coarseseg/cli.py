@@ -18,11 +18,11 @@ import numpy as np
 
 from . import __version__
 from .annotations import AnnotationError
-from .io import InputError, match_by_name, read_tiff, resolve_inputs, write_all, write_tiff
+from .io import InputError, StagedWrites, match_by_name, read_tiff, resolve_inputs, write_all
 from .model_io import ModelFileError
 
 #: Exceptions that mean "the user's input is wrong": reported in one line.
-USER_ERRORS = (AnnotationError, InputError, ModelFileError, ValueError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (AnnotationError, InputError, ModelFileError, ValueError, OSError, FloatingPointError)
 
 
 def _parse_erode(text: str) -> tuple[float, float]:
@@ -219,19 +219,22 @@ def cmd_predict(args) -> int:
         if args.probabilities or args.reliability:
             raise InputError("--probabilities and --reliability need a single image, not a folder")
         targets = [out / p.name for p in image_files]
+    elif out.is_dir():
+        targets = [out / image_files[0].name]
     else:
         targets = [_output_path(out)]
     from tqdm.auto import tqdm
 
-    for file, target in tqdm(list(zip(image_files, targets)), desc="predicting", unit="image",
-                             disable=args.quiet or None):
-        prediction = predict(model, read_tiff(file), device=args.device, name=file.name)
-        outputs = {target: prediction.labels}
-        if args.probabilities:
-            outputs[_output_path(args.probabilities)] = prediction.probabilities.astype(np.float32)
-        if args.reliability and prediction.reliability is not None:
-            outputs[_output_path(args.reliability)] = prediction.reliability.astype(np.float32)
-        write_all(outputs)
+    # All outputs appear together at the end, or none if any image fails.
+    with StagedWrites() as staged:
+        for file, target in tqdm(list(zip(image_files, targets)), desc="predicting", unit="image",
+                                 disable=args.quiet or None):
+            prediction = predict(model, read_tiff(file), device=args.device, name=file.name)
+            staged.add(target, prediction.labels)
+            if args.probabilities:
+                staged.add(_output_path(args.probabilities), prediction.probabilities.astype(np.float32))
+            if args.reliability and prediction.reliability is not None:
+                staged.add(_output_path(args.reliability), prediction.reliability.astype(np.float32))
     print(f"wrote {len(targets)} prediction{'s' if len(targets) > 1 else ''} to "
           f"{targets[0] if len(targets) == 1 else out}")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_io import atomic_write
+from .model_io import atomic_write, publish
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -81,38 +81,68 @@ def match_by_name(image_files: list[Path], annotation_path, role: str) -> list[P
     return [by_name.get(p.name) for p in image_files]
 
 
-def write_tiff(path, array: np.ndarray) -> Path:
-    """Write ``array`` to ``path`` atomically (compressed, ImageJ-readable for labels)."""
+def _imwrite(path, array: np.ndarray) -> None:
     import tifffile
 
-    array = np.asarray(array)
-    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, compression="zlib"))
+    # minisblack: a stack of 3 or 4 label planes is not an RGB picture.
+    tifffile.imwrite(path, np.asarray(array), compression="zlib", photometric="minisblack")
+
+
+def write_tiff(path, array: np.ndarray) -> Path:
+    """Write ``array`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: _imwrite(tmp, array))
+
+
+class StagedWrites:
+    """Write several files so that either all of them appear or none does.
+
+    Each :meth:`add` writes to a temporary file next to its target; leaving
+    the ``with`` block without an error renames them all onto their targets,
+    an error deletes them.
+
+    Examples
+    --------
+    >>> with StagedWrites() as staged:  # doctest: +SKIP
+    ...     staged.add("a.tif", labels_a)
+    ...     staged.add("b.tif", labels_b)
+    """
+
+    def __init__(self):
+        self.staged: list[tuple[str, Path]] = []
+
+    def add(self, path, array) -> None:
+        import tempfile
+
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
+        if path.is_dir():
+            raise InputError(f"output {str(path)!r} is a folder; give a file name")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.staged.append((tmp, path))
+        _imwrite(tmp, array)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [path for _, path in self.staged]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        if error_type is None:
+            for tmp, path in self.staged:
+                publish(tmp, path)
+        else:
+            for tmp, _ in self.staged:
+                Path(tmp).unlink(missing_ok=True)
+        return False
 
 
 def write_all(outputs: dict) -> list[Path]:
-    """Write several arrays so that either all of them appear or none does.
-
-    Each array goes to a temporary file first; only when every write has
-    succeeded are they renamed onto their final names.
-    """
-    import tempfile
-
-    import tifffile
-
-    staged = []
-    try:
+    """Write ``{path: array}`` so that either all files appear or none does."""
+    with StagedWrites() as staged:
         for path, array in outputs.items():
-            path = Path(path)
-            if not path.parent.exists():
-                raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            staged.append((tmp, path))
-            tifffile.imwrite(tmp, np.asarray(array), compression="zlib")
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return [path for _, path in staged]
+            staged.add(path, array)
+    return staged.paths

@@ -1,0 +1,98 @@
+"""The npe2 manifest (napari.yaml) and the sample-data contribution it declares."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import napari_coarseseg
+from napari_coarseseg.samples import DSB_NUCLEI, sample_data_dir
+
+npe2 = pytest.importorskip("npe2")
+
+DISTRIBUTION = "napari-coarseseg"
+MANIFEST = Path(napari_coarseseg.__file__).parent / "napari.yaml"
+SAMPLE_COMMAND = "napari_coarseseg.samples:dsb_nuclei_layers"
+
+
+def resolve(python_name: str):
+    module, _, attribute = python_name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return npe2.PluginManifest.from_file(MANIFEST)
+
+
+@pytest.fixture(scope="module")
+def sample_layers():
+    return resolve(SAMPLE_COMMAND)()
+
+
+def test_manifest_file_is_valid(manifest):
+    assert manifest.name == DISTRIBUTION
+    assert manifest.display_name
+
+
+def test_installed_distribution_exposes_a_valid_manifest(manifest):
+    """What `npe2 validate napari-coarseseg --imports` checks: the entry point and every python_name."""
+    installed = npe2.PluginManifest.from_distribution(DISTRIBUTION)
+    assert installed.name == manifest.name
+    installed.validate_imports()  # raises if a python_name cannot be imported
+    assert installed.package_version == napari_coarseseg.__version__
+
+
+def test_sample_data_contribution_points_to_the_loader(manifest):
+    commands = {c.id: c for c in manifest.contributions.commands}
+    samples = manifest.contributions.sample_data
+    assert samples, "the manifest declares no sample data"
+    by_key = {s.key: s for s in samples}
+    assert DSB_NUCLEI in by_key
+    command = commands[by_key[DSB_NUCLEI].command]
+    assert command.python_name == SAMPLE_COMMAND
+    assert resolve(command.python_name) is napari_coarseseg.samples.dsb_nuclei_layers
+
+
+def test_sample_layers_are_image_positive_negative_expert(sample_layers):
+    assert isinstance(sample_layers, list) and len(sample_layers) == 4
+    for layer in sample_layers:
+        assert isinstance(layer, tuple) and len(layer) == 3
+        data, meta, kind = layer
+        assert isinstance(meta, dict) and meta.get("name")
+        assert data.shape == (512, 512)
+    assert [kind for _, _, kind in sample_layers] == ["image", "labels", "labels", "labels"]
+
+    image, positive, negative, expert = (layer[0] for layer in sample_layers)
+    folder = sample_data_dir() / DSB_NUCLEI
+    np.testing.assert_array_equal(image, tifffile.imread(folder / "image.tif"))
+    np.testing.assert_array_equal(expert, tifffile.imread(folder / "labels.tif"))
+    for labels in (positive, negative, expert):
+        assert np.issubdtype(labels.dtype, np.integer)
+        assert labels.min() >= 0
+    assert len(np.unique(expert)) - 1 == 125  # DESIGN.md: 125 nuclei
+    # Drawings follow the label conventions: positive inside nuclei (class 1), negative outside.
+    assert positive.any() and negative.any()
+    assert set(np.unique(positive)) == {0, 1} and set(np.unique(negative)) == {0, 1}
+    assert not (positive.astype(bool) & (expert == 0)).any()
+    assert not (negative.astype(bool) & (expert > 0)).any()
+    # Every name is distinct: napari would otherwise rename layers.
+    assert len({meta["name"] for _, meta, _ in sample_layers}) == 4
+
+
+def test_sample_layers_are_accepted_by_napari(sample_layers):
+    layers = pytest.importorskip("napari.layers")
+    made = [layers.Layer.create(data, meta, kind) for data, meta, kind in sample_layers]
+    assert [type(layer).__name__ for layer in made] == ["Image", "Labels", "Labels", "Labels"]
+    assert [layer.name for layer in made] == [meta["name"] for _, meta, _ in sample_layers]
+
+
+def test_sample_data_dir_exists():
+    folder = sample_data_dir()
+    assert folder.is_dir()
+    for name in ("image.tif", "labels.tif"):
+        assert (folder / DSB_NUCLEI / name).is_file(), name
