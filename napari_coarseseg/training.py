@@ -65,10 +65,10 @@ class TrainingConfig:
         Recursive method: loss weight of each task.
     """
 
-    steps: int = 400
+    steps: int = 300
     iterations: int = 10
-    batch_size: int = 8
-    patch_size: int = 128
+    batch_size: int = 12
+    patch_size: int = 96
     learning_rate: float = 3e-3
     weight_decay: float = 2e-5
     base_channels: int = 16
@@ -77,7 +77,7 @@ class TrainingConfig:
     beta: float = 0.4
     regulariser_weight: float = 0.2
     diagonal_bias: float = 4.0
-    drawn_fraction: float = 0.9
+    drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50
     epsilon_train: float = 0.2
