@@ -327,7 +327,8 @@ def simulate(
         raise AnnotationError("labels hold negative values; a mask holds 0 (background) and 1..K.")
     if not labels.any():
         raise AnnotationError("labels are all zero: there is no object to simulate drawings from.")
-    n_values = len(np.unique(labels)) - 1
+    # Count object values only: a mask need not contain background.
+    n_values = len(np.unique(labels[labels > 0]))
     if not instances and n_values > 32:
         raise AnnotationError(
             f"labels hold {n_values} distinct values; if this is an instance mask "

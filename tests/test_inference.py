@@ -1,0 +1,205 @@
+"""Tiled prediction, stacks, and the value ranges of ``predict``'s outputs.
+
+Tiling blends overlapping tiles with a linear window (inference.py). For a
+network whose output at a pixel depends on that pixel only (1 x 1
+convolutions), tiled and whole-image predictions must agree to rounding:
+that checks the tile layout, padding, cropping and blending arithmetic. A
+U-Net sees a neighbourhood larger than the overlap, so near tile borders it
+sees padding instead of the neighbours: for it the two agree only closely,
+which is checked with a looser bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from napari_coarseseg import AnnotationError, predict
+from napari_coarseseg.inference import adjust_to_prior, blend_window, tile_starts
+from napari_coarseseg.model_io import Model, make_card
+from napari_coarseseg.networks import TransitionHead
+
+WHOLE = dict(tile_size=512, overlap=16)  # one tile covers the image
+
+
+class Pointwise(nn.Module):
+    """A stand-in for the U-Net whose outputs depend on each pixel alone."""
+
+    def __init__(self, n_labels: int, features: int = 4, divisor: int = 4):
+        super().__init__()
+        self.n_classes = n_labels
+        self.divisor = divisor
+        self.features = nn.Conv2d(1, features, 1)
+        self.classifier = nn.Conv2d(features, n_labels, 1)
+
+    def forward(self, x):
+        f = torch.tanh(self.features(x)) * 3
+        return self.classifier(f), f
+
+
+def pointwise_model(n_classes: int = 2, n_heads: int = 2) -> Model:
+    torch.manual_seed(0)
+    n_labels = n_classes + 1
+    network = Pointwise(n_labels)
+    heads = nn.ModuleList([TransitionHead(4, n_labels) for _ in range(n_heads)])
+    with torch.no_grad():
+        for head in heads:
+            head.conv.weight.normal_(std=1.0)  # reliability varies over the image
+    card = make_card("refineseg", n_classes, 1, False, {"kind": "unet", "base_channels": 4, "depth": 2,
+                                                        "n_heads": n_heads})
+    return Model(network, heads, card).eval()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (50, 37)])
+@pytest.mark.parametrize("tile_size, overlap", [(16, 4), (20, 5), (24, 8), (32, 0), (33, 31)])
+def test_tiled_equals_whole_for_a_pointwise_network(discs, shape, tile_size, overlap):
+    image = discs[0][: shape[0], : shape[1]]
+    model = pointwise_model()
+    whole = predict(model, image, device="cpu", **WHOLE)
+    tiled = predict(model, image, device="cpu", tile_size=tile_size, overlap=overlap, batch_size=3)
+    assert len(tile_starts(shape[0], tile_size, overlap)) > 1, "the image should need several tiles"
+    np.testing.assert_allclose(tiled.probabilities, whole.probabilities, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(tiled.reliability, whole.reliability, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(tiled.labels, whole.labels)
+    assert len(np.unique(whole.labels)) > 1, "the stand-in should not predict a constant"
+
+
+@pytest.mark.parametrize("prior_correction", [True, False])
+@pytest.mark.parametrize("tile_size, overlap", [(32, 8), (32, 16), (48, 16), (40, 24)])
+def test_tiled_close_to_whole_for_a_unet(discs, disc_model, tile_size, overlap, prior_correction):
+    image, _ = discs
+    whole = predict(disc_model, image, device="cpu", prior_correction=prior_correction, **WHOLE)
+    tiled = predict(disc_model, image, device="cpu", tile_size=tile_size, overlap=overlap,
+                    prior_correction=prior_correction)
+    assert 0.05 < (whole.labels > 0).mean() < 0.5, "the model should segment the discs"
+    difference = np.abs(tiled.probabilities - whole.probabilities)
+    # no seams: close everywhere, essentially equal away from tile borders
+    assert difference.max() < 0.2
+    assert np.median(difference) < 5e-3
+    assert (tiled.labels == whole.labels).mean() > 0.99
+    assert np.abs(tiled.reliability - whole.reliability).max() < 0.1
+
+
+def test_single_tile_of_the_image_size_equals_whole(discs, disc_model):
+    image, _ = discs
+    whole = predict(disc_model, image, device="cpu", **WHOLE)
+    exact = predict(disc_model, image, device="cpu", tile_size=64, overlap=32)
+    np.testing.assert_allclose(exact.probabilities, whole.probabilities, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(exact.reliability, whole.reliability, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(exact.labels, whole.labels)
+
+
+def test_tile_layout_covers_the_image():
+    for length, tile, overlap in [(64, 16, 4), (50, 20, 5), (37, 33, 31), (10, 16, 4), (100, 32, 0)]:
+        starts = tile_starts(length, tile, overlap)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            covered[s : s + tile] = True
+            assert 0 <= s and s + min(tile, length) <= length
+        assert covered.all()
+        if len(starts) > 1:
+            assert min(b - a for a, b in zip(starts, starts[1:])) > 0
+            assert max(a + tile - b for a, b in zip(starts, starts[1:])) >= overlap
+    window = blend_window(16, 12, 3)
+    assert window.shape == (16, 12) and (window > 0).all() and window.max() == 1.0
+    assert window[0, 0] < window[1, 1] < window[2, 2] < window[3, 3] == 1.0  # linear ramp over the overlap
+    np.testing.assert_allclose(window, window[::-1, ::-1])
+
+
+def same_histogram_stack(image):
+    """Three slices with the same intensities in other places: per-slice and whole-stack normalisation agree."""
+    return np.stack([image, image.T, image[::-1, ::-1]])
+
+
+@pytest.mark.parametrize("tiles", [WHOLE, dict(tile_size=32, overlap=8)])
+def test_stack_equals_per_slice_prediction(discs, disc_model, tiles):
+    stack = same_histogram_stack(discs[0])
+    result = predict(disc_model, stack, device="cpu", **tiles)
+    assert result.labels.shape == stack.shape
+    assert result.probabilities.shape == (2,) + stack.shape
+    assert result.reliability.shape == stack.shape
+    for z in range(stack.shape[0]):
+        single = predict(disc_model, stack[z], device="cpu", **tiles)
+        np.testing.assert_allclose(result.probabilities[:, z], single.probabilities, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(result.reliability[z], single.reliability, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(result.labels[z], single.labels)
+    # the slices are really different (slice order matters) and the labels match the geometry
+    assert not np.allclose(result.probabilities[:, 0], result.probabilities[:, 1], atol=1e-3)
+    # (the network is only roughly equivariant to the transposition)
+    assert (result.labels[1] == result.labels[0].T).mean() > 0.95
+
+
+def check_ranges(result, image_shape, n_classes):
+    assert result.labels.shape == image_shape and result.labels.dtype == np.uint8
+    assert result.labels.min() >= 0 and result.labels.max() <= n_classes
+    assert result.probabilities.shape == (n_classes + 1,) + image_shape
+    assert result.probabilities.dtype == np.float32
+    assert (result.probabilities >= 0).all() and (result.probabilities <= 1 + 1e-6).all()
+    np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, result.probabilities.argmax(0))
+    assert result.reliability.shape == image_shape
+    assert (result.reliability >= 0).all() and (result.reliability <= 1).all()
+
+
+@pytest.mark.parametrize("prior_correction", [True, False])
+def test_output_ranges_two_classes(two_class, tiny_two_class_model, prior_correction):
+    image, _ = two_class
+    assert tiny_two_class_model.n_classes == 2
+    result = predict(tiny_two_class_model, image, device="cpu", tile_size=32, overlap=8,
+                     prior_correction=prior_correction)
+    check_ranges(result, image.shape, 2)
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3])
+def test_output_ranges_of_a_stand_in(discs, n_classes):
+    image, _ = discs
+    stack = np.stack([image, image[::-1]])
+    for data in (image, stack):
+        result = predict(pointwise_model(n_classes), data, device="cpu", tile_size=32, overlap=8)
+        check_ranges(result, data.shape, n_classes)
+        assert len(np.unique(result.labels)) > 1
+
+
+def test_output_ranges_of_a_trained_model(discs, disc_model):
+    result = predict(disc_model, discs[0], device="cpu", tile_size=32, overlap=8)
+    check_ranges(result, discs[0].shape, 1)
+    assert set(np.unique(result.labels)) == {0, 1}
+
+
+def test_prior_correction_is_the_bayes_reweighting(discs, tiny_model):
+    image, _ = discs
+    prior = tiny_model.card["prior"]
+    plain = predict(tiny_model, image, device="cpu", prior_correction=False)
+    corrected = predict(tiny_model, image, device="cpu", prior_correction=True)
+    expected = plain.probabilities * (np.array(prior["estimated"]) / np.array(prior["training"]))[:, None, None]
+    expected /= expected.sum(0, keepdims=True)
+    np.testing.assert_allclose(corrected.probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(adjust_to_prior(plain.probabilities, prior["estimated"], prior["training"]),
+                               expected, atol=1e-5)
+    np.testing.assert_array_equal(plain.reliability, corrected.reliability)
+
+
+def test_reliability_is_off_diagonal_mass_of_the_heads(discs):
+    image, _ = discs
+    model = pointwise_model(n_classes=1, n_heads=1)
+    result = predict(model, image, device="cpu", **WHOLE)
+    from napari_coarseseg.data import normalize
+
+    x = torch.from_numpy(normalize(image))[None, None]
+    with torch.no_grad():
+        _, features = model.network(x)
+        a = model.heads[0](features)[0]
+    expected = 1 - (a[0, 0] + a[1, 1]).numpy() / 2
+    np.testing.assert_allclose(result.reliability, expected, atol=1e-5)
+
+
+def test_predict_rejects_bad_arguments(discs, tiny_model):
+    image, _ = discs
+    with pytest.raises(ValueError, match="overlap must be in"):
+        predict(tiny_model, image, device="cpu", tile_size=32, overlap=32)
+    with pytest.raises(AnnotationError, match="colour image"):
+        predict(tiny_model, np.repeat(image[..., None], 3, axis=-1), device="cpu")
+    with pytest.raises(AnnotationError, match="NaN"):
+        predict(tiny_model, np.full((16, 16), np.nan), device="cpu")
