@@ -68,7 +68,8 @@ def random_forest_segment(train_images, train_labels, test_image, seed=0, n_esti
     """scikit-image trainable segmentation: returns ``(labels, seconds)``.
 
     ``train_labels`` use scikit-image's convention: 0 = unlabelled, 1 =
-    background, 2 = foreground (class k is k + 1).
+    background, 2 = foreground (class k is k + 1). ``test_image`` may be a
+    list of images (one classifier, a list of label images back).
     """
     from functools import partial
 
@@ -87,6 +88,9 @@ def random_forest_segment(train_images, train_labels, test_image, seed=0, n_esti
     classifier = RandomForestClassifier(n_estimators=n_estimators, n_jobs=-1, max_depth=10, max_samples=0.05,
                                         random_state=seed)
     classifier.fit(np.concatenate(xs), np.concatenate(ys))
-    f = features(normalize(test_image))
-    prediction = classifier.predict(f.reshape(-1, f.shape[-1])).reshape(test_image.shape)
-    return prediction - 1, time.perf_counter() - start
+    predictions = []
+    for image in test_image if isinstance(test_image, (list, tuple)) else [test_image]:
+        f = features(normalize(image))
+        predictions.append(classifier.predict(f.reshape(-1, f.shape[-1])).reshape(image.shape) - 1)
+    seconds = time.perf_counter() - start
+    return (predictions if isinstance(test_image, (list, tuple)) else predictions[0]), seconds

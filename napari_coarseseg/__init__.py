@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 from .annotations import AnnotationError, Role, simulate, validate_drawing, validate_image
 from .inference import Prediction, predict
 from .model_io import Model, ModelFileError, load_model, read_card, save_model
+from .levelset import grow_regions, label_regions
+from .recursive import train_recursive
 from .refineseg import train_refineseg
 from .training import TrainingConfig, TrainingEvent, list_presets, load_preset, run_to_end, select_device
 
@@ -30,6 +32,9 @@ __all__ = [
     "save_model",
     "select_device",
     "simulate",
+    "grow_regions",
+    "label_regions",
+    "train_recursive",
     "train_refineseg",
     "validate_drawing",
     "validate_image",

@@ -39,7 +39,8 @@ def _parse_erode(text: str) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coarseseg",
-        description="Train segmentation networks from coarse drawings (RefineSeg) and apply them.",
+        description="Train segmentation networks from coarse drawings (RefineSeg, recursive approximation) "
+                    "and apply them.",
     )
     parser.add_argument("--version", action="version", version=f"napari-coarseseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,17 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a model. IMAGE and drawings are TIFFs of identical shape, or "
                                        "folders of TIFFs matched by file name.")
     train.add_argument("image", help="training image TIFF or folder of TIFFs")
-    train.add_argument("--method", choices=["refineseg"], default="refineseg",
-                       help="training method (default refineseg)")
+    train.add_argument("--method", choices=["refineseg", "recursive"], default="refineseg",
+                       help="refineseg (positive/negative drawings, default) or recursive (partial masks "
+                            "plus a few exact masks)")
     train.add_argument("--positive", action="append", default=[], metavar="P.tif",
                        help="positive drawing (k = 'this is class k'); repeat for several annotators")
     train.add_argument("--negative", action="append", default=[], metavar="N.tif",
                        help="negative drawing (k = 'this is not class k'); repeatable")
     train.add_argument("--background", action="append", default=[], metavar="B.tif",
                        help="background drawing (non-zero = background); repeatable")
+    train.add_argument("--partial", metavar="PM.tif",
+                       help="recursive: partial masks (k = rough inner region of an object of class k)")
+    train.add_argument("--strong", metavar="S.tif",
+                       help="recursive: exact masks; an image or slice counts as labelled iff it has a "
+                            "non-zero pixel")
+    train.add_argument("--separation", metavar="T.tif",
+                       help="recursive: scribbles (non-zero) on interfaces between touching objects")
     train.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    train.add_argument("--preset", default="refineseg", help="settings preset from models/ or a JSON file")
-    train.add_argument("--steps", type=int, help="training steps (default from the preset)")
+    train.add_argument("--preset", help="settings preset from models/ or a JSON file (default: the method's)")
+    train.add_argument("--steps", type=int,
+                       help="training steps (recursive: steps per iteration; default from the preset)")
+    train.add_argument("--iterations", type=int, help="recursive: number of iterations K (default from the preset)")
     train.add_argument("--classes", type=int, help="number of classes K (default: the largest drawn value)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
@@ -148,31 +159,56 @@ def cmd_simulate(args) -> int:
 
 
 def _load_training_set(args):
+    """The training images and, per role, its layers matched to the images (None where missing)."""
     image_files = resolve_inputs(args.image)
     images = [read_tiff(p) for p in image_files]
 
-    def layers(paths, role):
-        out = []
-        for path in paths:
-            matched = match_by_name(image_files, path, role)
-            out.append([None if p is None else read_tiff(p) for p in matched])
-        return out
+    def layer(path, role):
+        return [None if p is None else read_tiff(p) for p in match_by_name(image_files, path, role)]
 
-    return (image_files, images, layers(args.positive, "positive"), layers(args.negative, "negative"),
-            layers(args.background, "background"))
+    roles = {"positive": args.positive, "negative": args.negative, "background": args.background,
+             "partial": [args.partial] if args.partial else [], "strong": [args.strong] if args.strong else [],
+             "separation": [args.separation] if args.separation else []}
+    return image_files, images, {role: [layer(p, role) for p in paths] for role, paths in roles.items()}
+
+
+def _check_roles(method: str, layers: dict) -> None:
+    """Refuse drawings that belong to the other method, naming the right option."""
+    other = ("partial", "strong", "separation") if method == "refineseg" else ("positive", "negative", "background")
+    given = [f"--{role}" for role in other if layers[role]]
+    if given:
+        right = "recursive" if method == "refineseg" else "refineseg"
+        raise InputError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --method {right}, "
+                         f"not {method}")
+    if method == "recursive" and not layers["partial"]:
+        raise InputError("--method recursive needs --partial PM.tif (and --strong S.tif on a few images)")
+
+
+def _start_training(args, config, images, layers, names):
+    """The training generator of the chosen method."""
+    common = dict(config=config, n_classes=args.classes, seed=args.seed, device=args.device, names=names)
+    if args.method == "recursive":
+        from .recursive import train_recursive
+
+        def first(role):
+            return layers[role][0] if layers[role] else None
+
+        return train_recursive(images, first("partial"), first("strong"), first("separation"), **common)
+    from .refineseg import train_refineseg
+
+    return train_refineseg(images, layers["positive"], layers["negative"], layers["background"], **common)
 
 
 def cmd_train(args) -> int:
     from .model_io import save_model
-    from .refineseg import train_refineseg
     from .training import load_preset, run_to_end
 
     out = _output_path(args.out, ".safetensors")
     evolution_path = _output_path(args.evolution) if args.evolution else None
-    config = load_preset(args.preset)
-    if args.steps is not None:
-        config = config.replace(steps=args.steps)
-    image_files, images, positive, negative, background = _load_training_set(args)
+    config = load_preset(args.preset or args.method)
+    config = config.replace(steps=args.steps, iterations=args.iterations)
+    image_files, images, layers = _load_training_set(args)
+    _check_roles(args.method, layers)
     if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
         raise InputError("--evolution needs a folder when training on a folder of images")
 
@@ -183,13 +219,11 @@ def cmd_train(args) -> int:
         if event.masks is not None:
             evolution.append(event.masks)
 
-    progress = _Progress(config.steps, args.quiet, "training")
+    total = config.steps * (config.iterations if args.method == "recursive" else 1)
+    progress = _Progress(total, args.quiet, "training")
     try:
-        model = run_to_end(
-            train_refineseg(images, positive, negative, background, config=config, n_classes=args.classes,
-                            seed=args.seed, device=args.device, names=[p.name for p in image_files]),
-            collect,
-        )
+        model = run_to_end(_start_training(args, config.validate(), images, layers, [p.name for p in image_files]),
+                           collect)
     finally:
         progress.close()
     outputs = {}
@@ -202,7 +236,9 @@ def cmd_train(args) -> int:
         write_all(outputs)
     save_model(model, out)
     summary = model.card["training"]
-    print(f"wrote {out} ({summary['steps']} steps in {summary['seconds']:.1f} s on {summary['device']})")
+    done = (f"{summary['iterations']} iterations of {summary['steps_per_iteration']} steps"
+            if args.method == "recursive" else f"{summary['steps']} steps")
+    print(f"wrote {out} ({done} in {summary['seconds']:.1f} s on {summary['device']})")
     return 0
 
 

@@ -113,6 +113,22 @@ class PatchSampler:
         sizes = np.array([s[0] * s[1] for s in self.shapes], dtype=np.float64)
         self.plane_weights = sizes / sizes.sum()
 
+    def replace_target(self, strategy: int, plane: int, target: np.ndarray) -> None:
+        """Swap the target of one strategy on one plane (the recursive method's T2 changes every iteration)."""
+        half = self.patch_size // 2
+        pad = ((half, self.patch_size - half),) * 2
+        self.targets[strategy][plane] = np.pad(target, pad, constant_values=-1).astype(np.int16)
+
+    def uniform_centres(self, n: int, planes) -> np.ndarray:
+        """``n`` rows of (plane, y, x) centres drawn uniformly over the given planes."""
+        planes = np.asarray(planes, dtype=np.int64)
+        sizes = np.array([self.shapes[i][0] * self.shapes[i][1] for i in planes], dtype=np.float64)
+        rows = np.empty((n, 3), dtype=np.int64)
+        rows[:, 0] = planes[self.rng.choice(len(planes), size=n, p=sizes / sizes.sum())]
+        rows[:, 1] = (self.rng.random(n) * np.array([self.shapes[i][0] for i in rows[:, 0]])).astype(np.int64)
+        rows[:, 2] = (self.rng.random(n) * np.array([self.shapes[i][1] for i in rows[:, 0]])).astype(np.int64)
+        return rows
+
     def centres(self, n: int) -> np.ndarray:
         """``n`` rows of (plane, y, x) patch centres."""
         rows = np.empty((n, 3), dtype=np.int64)
@@ -137,10 +153,14 @@ class PatchSampler:
             rows[~on_drawn, 2] = (self.rng.random(m) * widths).astype(np.int64)
         return rows
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """A batch: images (n, C, P, P) float32 and targets (S, n, P, P) int64."""
+    def batch(self, n: int, planes=None) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: images (n, C, P, P) float32 and targets (S, n, P, P) int64.
+
+        With ``planes`` (plane indices), the centres are drawn uniformly over
+        those planes only.
+        """
         p = self.patch_size
-        rows = self.centres(n)
+        rows = self.centres(n) if planes is None else self.uniform_centres(n, planes)
         # Centre (y, x) in plane coordinates is (y + half, x + half) in padded
         # coordinates, so the patch starts at (y, x).
         images = np.stack([self.images[i][:, y : y + p, x : x + p] for i, y, x in rows])

@@ -86,7 +86,14 @@ def _forward_tiles(network, heads, tiles: torch.Tensor, device):
     divisor = network.divisor
     padded = _pad_to(tiles, -(-h // divisor) * divisor, -(-w // divisor) * divisor).to(device)
     with autocast(device):
-        logits, features = network(padded)
+        output = network(padded)
+    if isinstance(output, dict):
+        # A multi-task network: the softmax of every task (segmentation,
+        # approximation, separation if any), one after the other along the class axis.
+        probabilities = torch.cat([torch.softmax(logits.float(), dim=1) for logits in output.values()],
+                                  dim=1)[..., :h, :w]
+        return probabilities, None
+    logits, features = output
     probabilities = torch.softmax(logits.float(), dim=1)[..., :h, :w]
     reliability = None
     if heads is not None and len(heads):

@@ -23,6 +23,7 @@ __all__ = [
     "negative_loss",
     "transition_regulariser",
     "refineseg_loss",
+    "masked_nll",
 ]
 
 EPS = 1e-7
@@ -137,3 +138,15 @@ def refineseg_loss(
     regulariser = transition_regulariser(positive_transitions) if positive_transitions else zero
     total = positive + negative + regulariser_weight * regulariser
     return {"total": total, "positive": positive, "negative": negative, "regulariser": regulariser}
+
+
+def masked_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``softmax(logits)`` over annotated pixels (target >= 0).
+
+    The per-task loss of the recursive method (METHODS.md B, eq. 1-2):
+    ``logits`` (B, L, H, W), ``target`` (B, H, W) with -1 where a task has
+    no label. No annotated pixel gives exactly 0 (and a zero gradient).
+    """
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    value, drawn = _gather(log_p, target)
+    return -torch.where(drawn, value, torch.zeros_like(value)).sum() / drawn.sum().clamp(min=1)

@@ -115,6 +115,7 @@ def build_network(card: dict) -> tuple[nn.Module, nn.ModuleList]:
         from .multitask import MultiTaskUNet
 
         network = MultiTaskUNet(card["channels"], n_labels, int(net["base_channels"]), int(net["depth"]),
+                                task_levels=int(net.get("task_levels", 2)),
                                 separation=bool(net.get("separation", False)))
     else:
         raise ModelFileError(f"unknown network kind {kind!r} in the model card")

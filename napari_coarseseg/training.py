@@ -58,6 +58,9 @@ class TrainingConfig:
     evolution_every : int
         Refineseg: yield masks on the training images every this many steps
         (0: only at the end).
+    task_levels : int
+        Recursive method: how many of the last decoder levels are multi-task
+        blocks.
     epsilon_train, epsilon_predict : float
         Recursive method: level-set growth speed during training and for the
         final growth at prediction.
@@ -69,7 +72,7 @@ class TrainingConfig:
     iterations: int = 10
     batch_size: int = 12
     patch_size: int = 96
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 2e-5
     base_channels: int = 16
     depth: int = 4
@@ -80,6 +83,7 @@ class TrainingConfig:
     drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50
+    task_levels: int = 2
     epsilon_train: float = 0.2
     epsilon_predict: float = 1.0
     task_weights: dict = field(default_factory=lambda: {"strong": 1.0, "partial": 1.0, "separation": 0.5})
@@ -191,7 +195,8 @@ def describe_device(device: torch.device) -> str:
         return f"CUDA: {torch.cuda.get_device_name(device)}"
     if device.type == "mps":
         return "Apple MPS"
-    return f"CPU, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU, {n} thread{'' if n == 1 else 's'}"
 
 
 def seed_everything(seed: int | None) -> tuple[np.random.Generator, torch.Generator]:

@@ -100,7 +100,8 @@ def tiny_model(discs, disc_drawings):
 def disc_model(discs, disc_drawings):
     """A refineseg model trained 150 steps on the disc image: small (8 channels, depth 2) but good."""
     image, _ = discs
-    settings = dict(TINY, steps=150, base_channels=8, batch_size=4)
+    # A faster learning rate than the default 1e-3: 150 steps of a tiny network.
+    settings = dict(TINY, steps=150, base_channels=8, batch_size=4, learning_rate=3e-3)
     return run_to_end(train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative], seed=0, **settings))
 
 

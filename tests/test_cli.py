@@ -499,3 +499,47 @@ def test_simulate_rejects_a_missing_labels_file(tmp_path, capsys):
     code, out, err = run(capsys, "simulate", tmp_path / "nope.tif", "--out-dir", out_dir)
     assert_one_line_error(code, out, err, "simulate", "nope.tif", "does not exist")
     assert not out_dir.exists()
+
+
+# --------------------------------------------------------------------------- recursive method
+
+
+def test_train_recursive_writes_model_and_k_plus_one_evolution_planes(data, simulated, tmp_path, capsys):
+    labels = tifffile.imread(data["labels"])
+    strong = tmp_path / "strong.tif"
+    tifffile.imwrite(strong, (labels > 0).astype(np.uint8))
+    model, evolution = tmp_path / "recursive.safetensors", tmp_path / "evolution.tif"
+    code, out, err = run(capsys, "train", data["image"], "--method", "recursive",
+                         "--partial", simulated / "partial.tif", "--strong", strong, "--out", model,
+                         "--preset", data["preset"], "--steps", 3, "--iterations", 2, "--evolution", evolution,
+                         "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert "2 iterations of 3 steps" in out
+    card = read_card(model)
+    assert card["method"] == "recursive" and card["training"]["iterations"] == 2
+    stack = tifffile.imread(evolution)
+    assert stack.shape == (3, *labels.shape)
+    np.testing.assert_array_equal(stack[0], tifffile.imread(simulated / "partial.tif"))
+    assert np.all(stack[2][stack[1] > 0] == stack[1][stack[1] > 0])  # regions only grow
+
+    prediction = tmp_path / "prediction.tif"
+    code, out, err = run(capsys, "predict", model, data["image"], "--out", prediction, "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert tifffile.imread(prediction).shape == labels.shape
+
+
+@pytest.mark.parametrize(
+    "method, option, words",
+    [
+        ("recursive", "--positive", ["--positive", "refineseg"]),
+        ("refineseg", "--partial", ["--partial", "recursive"]),
+    ],
+)
+def test_train_rejects_drawings_of_the_other_method(method, option, words, data, simulated, tmp_path, capsys):
+    layer = simulated / ("positive.tif" if option == "--positive" else "partial.tif")
+    extra = ["--partial", simulated / "partial.tif"] if method == "recursive" else \
+        ["--positive", simulated / "positive.tif"]
+    code, out, err = run(capsys, "train", data["image"], "--method", method, option, layer, *extra,
+                         "--out", tmp_path / "m.safetensors", "--device", "cpu", "--quiet")
+    assert_one_line_error(code, out, err, "train", *words)
+    assert files_under(tmp_path) == set()

@@ -15,7 +15,7 @@ import textwrap
 
 BLOCKED = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt", "vispy", "npe2")
 CORE = ("annotations", "data", "losses", "networks", "inference", "model_io", "training", "refineseg", "io", "cli",
-        "samples", "demo")
+        "levelset", "multitask", "recursive", "samples", "demo")
 
 SCRIPT = textwrap.dedent(
     """

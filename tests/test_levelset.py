@@ -1,0 +1,154 @@
+"""The level-set growth of the recursive method (METHODS.md B, eq. 4-6) and its multi-object rules."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_coarseseg.levelset import grow_regions, label_regions
+from napari_coarseseg.samples import load_dsb_nuclei
+
+
+def disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+@pytest.fixture
+def two_discs():
+    """F: two separate discs of class 1; S: a small seed in the left disc only."""
+    shape = (40, 80)
+    prediction = (disc(shape, 20, 20, 12) | disc(shape, 20, 60, 12)).astype(np.int64)
+    seeds = disc(shape, 20, 20, 3).astype(np.int64)
+    return seeds, np.array([0, 1]), prediction
+
+
+def test_by_hand_on_a_line():
+    # F = pixels 1..7, S = pixel 4: d(i, B) = 1 2 3 4 3 2 1, d(i, S) = |i - 4|.
+    prediction = np.zeros((1, 9), int)
+    prediction[0, 1:8] = 1
+    seeds = np.zeros((1, 9), int)
+    seeds[0, 4] = 1
+    # eps = 0.5: 0.5 * d(i, B) >= |i - 4| holds at i = 3, 4, 5 (1.5 >= 1), not at i = 2 (1 < 2).
+    np.testing.assert_array_equal(grow_regions(seeds, [0, 1], prediction, 0.5)[0], [0, 0, 0, 1, 1, 1, 0, 0, 0])
+    # eps = 1: also i = 2 and 6 (2 >= 2), not 1 and 7 (1 < 3).
+    np.testing.assert_array_equal(grow_regions(seeds, [0, 1], prediction, 1.0)[0], [0, 0, 1, 1, 1, 1, 1, 0, 0])
+
+
+def test_epsilon_zero_keeps_the_regions(two_discs):
+    seeds, classes, prediction = two_discs
+    np.testing.assert_array_equal(grow_regions(seeds, classes, prediction, 0.0), seeds)
+
+
+def test_huge_epsilon_gives_f_union_s_for_seeded_components(two_discs):
+    seeds, classes, prediction = two_discs
+    # a part of the seed lies outside F: it stays (regions only grow)
+    seeds = seeds.copy()
+    seeds[20, 5:9] = 1
+    grown = grow_regions(seeds, classes, prediction, 1e6)
+    components, _ = ndi.label(prediction)
+    seeded = components == components[20, 20]
+    np.testing.assert_array_equal(grown > 0, seeded | (seeds > 0))
+    # the right disc holds no seed: nothing of it is added
+    assert not grown[components == components[20, 60]].any()
+
+
+def test_growth_is_monotone_and_faster_for_larger_epsilon(two_discs):
+    seeds, classes, prediction = two_discs
+    current, sizes = seeds, [int((seeds > 0).sum())]
+    for _ in range(6):
+        grown = grow_regions(current, classes, prediction, 0.5)
+        assert np.all(grown[current > 0] == current[current > 0]), "a pixel left its region"
+        sizes.append(int((grown > 0).sum()))
+        current = grown
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+    one_step = [int((grow_regions(seeds, classes, prediction, e) > 0).sum()) for e in (0.25, 0.5, 1, 2)]
+    assert one_step == sorted(one_step) and one_step[-1] > one_step[0]
+
+
+def test_two_seeds_in_one_component_never_merge():
+    shape = (40, 60)
+    # two overlapping discs: one component of F, as touching nuclei look to T1
+    prediction = (disc(shape, 20, 20, 12) | disc(shape, 20, 40, 12)).astype(np.int64)
+    assert ndi.label(prediction)[1] == 1
+    seeds = np.zeros(shape, np.int64)
+    seeds[disc(shape, 20, 16, 3)] = 1
+    seeds[disc(shape, 20, 44, 3)] = 2
+    current = seeds
+    for _ in range(10):
+        current = grow_regions(current, np.array([0, 1, 1]), prediction, 1.0)
+    assert set(np.unique(current)) == {0, 1, 2}
+    np.testing.assert_array_equal(current > 0, prediction > 0)  # F filled
+    for object_id in (1, 2):
+        assert ndi.label(current == object_id)[1] == 1, "each object stays one connected region"
+    # split down the middle: each pixel went to its nearest seed
+    assert (current[:, :29] != 2).all() and (current[:, 31:] != 1).all()
+
+
+def test_classes_are_kept():
+    shape = (30, 60)
+    prediction = np.zeros(shape, np.int64)
+    prediction[5:25, 5:28] = 1
+    prediction[5:25, 32:55] = 2
+    prediction[5:25, 28:32] = 2  # class 2 touching class 1
+    seeds = np.zeros(shape, np.int64)
+    seeds[14:16, 14:16] = 1  # class 1 seed
+    seeds[14:16, 44:46] = 2  # class 2 seed
+    seeds[2, 2] = 3  # a class 1 seed in the background: stays, grows nowhere
+    classes = np.array([0, 1, 2, 1])
+    grown = grow_regions(seeds, classes, prediction, 1e6)
+    np.testing.assert_array_equal(classes[grown][prediction == 1], 1)
+    np.testing.assert_array_equal(classes[grown][prediction == 2], 2)
+    assert grown[2, 2] == 3 and (grown == 3).sum() == 1
+
+
+def test_a_seed_does_not_grow_into_a_component_of_another_class():
+    shape = (20, 20)
+    prediction = np.full(shape, 2, np.int64)
+    seeds = np.zeros(shape, np.int64)
+    seeds[9:11, 9:11] = 1
+    grown = grow_regions(seeds, np.array([0, 1]), prediction, 1e6)
+    np.testing.assert_array_equal(grown, seeds)
+
+
+def test_label_regions_splits_classes_and_components():
+    mask = np.zeros((10, 10), np.int64)
+    mask[1:3, 1:3] = 1
+    mask[6:8, 1:3] = 1
+    mask[1:3, 6:8] = 2
+    mask[3, 6:8] = 1  # touches the class 2 square: still a separate object
+    objects, classes = label_regions(mask)
+    assert objects.max() == 4 and len(classes) == 5
+    np.testing.assert_array_equal(classes[objects], mask)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: grow_regions(np.zeros((4, 4), int), [0], np.zeros((4, 5), int), 1.0), "one shape"),
+        (lambda: grow_regions(np.zeros((4, 4), int), [0], np.zeros((4, 4), int), -1.0), "epsilon"),
+        (lambda: grow_regions(np.full((4, 4), 3), [0, 1], np.ones((4, 4), int), 1.0), "seed_classes"),
+    ],
+)
+def test_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_update_on_the_real_image_is_fast():
+    """512 x 512, 125 nuclei: a few distance transforms, no loop over objects."""
+    _, instances = load_dsb_nuclei()
+    inner = ndi.binary_erosion(instances > 0, iterations=3) * (instances > 0)
+    seeds, classes = label_regions(inner.astype(np.int64))
+    prediction = (instances > 0).astype(np.int64)
+    grow_regions(seeds, classes, prediction, 1.0)  # warm up
+    start = time.perf_counter()
+    grown = grow_regions(seeds, classes, prediction, 1.0)
+    seconds = time.perf_counter() - start
+    print(f"\nlevel-set update, 512 x 512, {seeds.max()} seeds: {seconds * 1000:.0f} ms")
+    assert seconds < 2.0
+    assert (grown > 0).sum() > (seeds > 0).sum()
+    assert set(np.unique(grown)) == set(np.unique(seeds))

@@ -1,0 +1,158 @@
+"""The recursive method: multi-task network, training generator, prediction, model files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_coarseseg import load_model, predict, run_to_end, save_model, simulate
+from napari_coarseseg.annotations import AnnotationError
+from napari_coarseseg.demo import dice
+from napari_coarseseg.multitask import MultiTaskUNet
+from napari_coarseseg.recursive import RecursiveInputs, train_recursive
+
+TINY = dict(steps=20, iterations=4, base_channels=8, depth=2, patch_size=32, batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def partial_discs(discs):
+    """The disc image twice: both with partial masks (inner 45 %), the first with the exact mask too."""
+    image, mask = discs
+    partial = simulate(mask, seed=0).partial
+    return image, mask, partial
+
+
+@pytest.fixture(scope="module")
+def recursive_run(partial_discs):
+    image, mask, partial = partial_discs
+    events = []
+    model = run_to_end(train_recursive([image, image], [partial, partial], [mask, None], seed=0, **TINY),
+                       events.append)
+    return model, events
+
+
+# --------------------------------------------------------------------------- network
+
+
+def test_multitask_outputs_and_shapes():
+    network = MultiTaskUNet(1, 3, base_channels=4, depth=3, task_levels=2, separation=True)
+    out = network(torch.randn(2, 1, 32, 32))
+    assert set(out) == {"segmentation", "approximation", "separation"}
+    assert out["segmentation"].shape == out["approximation"].shape == (2, 3, 32, 32)
+    assert out["separation"].shape == (2, 2, 32, 32)
+    assert "separation" not in MultiTaskUNet(1, 2, 4, 2)(torch.randn(1, 1, 16, 16))
+
+
+def test_first_layer_of_t1_and_t2_paths_is_shared():
+    network = MultiTaskUNet(1, 2, base_channels=4, depth=2, task_levels=1).eval()
+    x = torch.randn(1, 1, 16, 16)
+    before = network(x)
+    block = network.task_blocks[0]
+    # perturbing the shared first layer moves both outputs ...
+    with torch.no_grad():
+        block.shared[0].weight.add_(0.5)
+    shared = network(x)
+    assert not torch.allclose(shared["segmentation"], before["segmentation"])
+    assert not torch.allclose(shared["approximation"], before["approximation"])
+    # ... perturbing the residual unit of the segmentation path moves only T1
+    with torch.no_grad():
+        block.segmentation.body[0][0].weight.add_(0.5)
+    residual = network(x)
+    assert not torch.allclose(residual["segmentation"], shared["segmentation"])
+    torch.testing.assert_close(residual["approximation"], shared["approximation"])
+
+
+def test_bad_task_levels():
+    with pytest.raises(ValueError, match="task_levels"):
+        MultiTaskUNet(1, 2, 4, depth=2, task_levels=3)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_evolution_has_k_plus_one_planes_starting_at_the_drawing(recursive_run, partial_discs):
+    _, events = recursive_run
+    _, _, partial = partial_discs
+    evolution = [e for e in events if e.masks is not None]
+    assert [e.iteration for e in evolution] == list(range(TINY["iterations"] + 1))
+    np.testing.assert_array_equal(evolution[0].masks[0], partial)
+    assert events[-1].step == events[-1].total_steps == TINY["steps"] * TINY["iterations"]
+
+
+def test_approximations_only_grow_and_gain_dice(recursive_run, partial_discs):
+    _, events = recursive_run
+    _, mask, _ = partial_discs
+    evolution = [e.masks[1] for e in events if e.masks is not None]  # the image without exact mask
+    for before, after in zip(evolution, evolution[1:]):
+        assert np.all(after[before > 0] == before[before > 0])
+    scores = [dice(m > 0, mask > 0) for m in evolution]
+    assert scores[-1] - scores[0] >= 0.2, scores
+    assert scores[-1] > 0.9, scores
+
+
+def test_prediction_and_model_file_round_trip(recursive_run, partial_discs, tmp_path):
+    model, _ = recursive_run
+    image, mask, _ = partial_discs
+    prediction = predict(model, image, device="cpu")
+    assert prediction.labels.shape == image.shape and prediction.labels.dtype == np.uint8
+    assert prediction.probabilities.shape == (2, *image.shape) and prediction.reliability is None
+    assert dice(prediction.labels > 0, mask > 0) > 0.85
+    path = save_model(model, tmp_path / "recursive.safetensors")
+    loaded = load_model(path)
+    assert loaded.card["method"] == "recursive" and loaded.card["network"]["kind"] == "multitask"
+    again = predict(loaded, image, device="cpu")
+    np.testing.assert_array_equal(again.labels, prediction.labels)
+    np.testing.assert_allclose(again.probabilities, prediction.probabilities, atol=1e-6)
+    stack = predict(loaded, np.stack([image, image[::-1]]), device="cpu")
+    np.testing.assert_array_equal(stack.labels[0], prediction.labels)
+
+
+def test_seeded_runs_are_reproducible(partial_discs):
+    image, mask, partial = partial_discs
+    settings = dict(TINY, steps=3, iterations=2)
+    runs = [run_to_end(train_recursive(image, partial, mask, seed=5, **settings)) for _ in range(2)]
+    for a, b in zip(runs[0].network.state_dict().values(), runs[1].network.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_separation_task_targets_and_head(partial_discs):
+    image, mask, partial = partial_discs
+    scribbles = np.zeros_like(mask)
+    scribbles[30:34, 30:34] = 1
+    inputs = RecursiveInputs(image, partial, mask, scribbles)
+    assert inputs.has_separation
+    target = inputs.targets()[2][0]
+    assert (target[scribbles > 0] == 1).all()
+    assert (target[(partial > 0) & (scribbles == 0)] == 0).all()
+    assert (target[(partial == 0) & (scribbles == 0)] == -1).all()
+    model = run_to_end(train_recursive(image, partial, mask, scribbles, **dict(TINY, steps=2, iterations=1)))
+    assert model.card["network"]["separation"] is True
+    assert predict(model, image, device="cpu").labels.shape == image.shape
+
+
+def test_closing_the_generator_stops_training(partial_discs):
+    image, mask, partial = partial_discs
+    training = train_recursive(image, partial, mask, **dict(TINY, steps=50, iterations=3))
+    steps = [next(training).step for _ in range(5)]
+    training.close()
+    assert steps == [0, 1, 2, 3, 4]
+    with pytest.raises(StopIteration):
+        next(training)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (lambda im, m, p: (im, None, m), "no partial mask"),
+        (lambda im, m, p: (im, p, None), "no exact mask"),
+        (lambda im, m, p: (im, p[:10], m), "shape"),
+        (lambda im, m, p: ([im, im], [p], [m, None]), "one array per image"),
+        (lambda im, m, p: (im, p, m * 3), "class 3"),
+    ],
+)
+def test_input_errors(partial_discs, arguments, message):
+    image, mask, partial = partial_discs
+    images, partial_layer, strong = arguments(image, mask, partial)
+    with pytest.raises(AnnotationError, match=message):
+        next(train_recursive(images, partial_layer, strong, n_classes=1 if message == "class 3" else None, **TINY))
