@@ -116,6 +116,26 @@ def test_seeded_runs_are_reproducible(partial_discs):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_small_batches_mix_strong_and_partial_patches(partial_discs, batch_size, monkeypatch):
+    """Every step draws from the strong planes and from all planes, except a batch of 1 (all planes only)."""
+    from napari_coarseseg.data import PatchSampler
+
+    image, mask, partial = partial_discs
+    requests = []
+    original = PatchSampler.batch
+
+    def spy(self, n, planes=None):
+        requests.append((n, planes))
+        return original(self, n, planes)
+
+    monkeypatch.setattr(PatchSampler, "batch", spy)
+    settings = dict(TINY, steps=2, iterations=1, batch_size=batch_size)
+    run_to_end(train_recursive([image, image], [partial, partial], [mask, None], seed=0, **settings))
+    expected = [(1, None)] if batch_size == 1 else [(1, None), (1, [0])]
+    assert requests == expected * 2
+
+
 def test_separation_task_targets_and_head(partial_discs):
     image, mask, partial = partial_discs
     scribbles = np.zeros_like(mask)
