@@ -1,7 +1,9 @@
 """napari-coarseseg: segmentation networks trained from coarse drawings.
 
-The core (this package minus ``_widgets``) imports neither Qt nor napari, so
-it runs headless from Python and from the ``coarseseg`` command.
+The core (this package minus ``_viewer`` and ``_widgets``) imports neither Qt
+nor napari, so it runs headless from Python and from the ``coarseseg``
+command. ``train_in_viewer`` and ``predict_in_viewer`` import napari on first
+use.
 """
 
 __version__ = "0.1.0"
@@ -39,3 +41,14 @@ __all__ = [
     "validate_drawing",
     "validate_image",
 ]
+
+_VIEWER_FUNCTIONS = ("train_in_viewer", "predict_in_viewer")
+
+
+def __getattr__(name):
+    # Lazy (and left out of __all__), so that importing the core never imports napari or Qt.
+    if name in _VIEWER_FUNCTIONS:
+        from . import _viewer
+
+        return getattr(_viewer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,257 @@
+"""Training and prediction inside a napari viewer, without blocking it.
+
+The widgets' buttons call these functions, and scripts may call them
+directly. Work runs in a napari ``thread_worker`` that drives the core's
+training generator; the GUI thread only copies results into layers. The
+user's layers are read once (copied) when a run starts and never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+
+from .annotations import AnnotationError
+from .inference import predict
+from .model_io import Model, ModelFileError, load_model
+from .recursive import train_recursive
+from .refineseg import train_refineseg
+
+__all__ = ["train_in_viewer", "predict_in_viewer", "evolution_layer_name", "prediction_layer_name"]
+
+METHODS = ("refineseg", "recursive")
+
+
+def evolution_layer_name(image_name: str) -> str:
+    return f"{image_name} evolution"
+
+
+def prediction_layer_name(image_name: str) -> str:
+    return f"{image_name} prediction"
+
+
+def reliability_layer_name(image_name: str) -> str:
+    return f"{image_name} annotation reliability"
+
+
+class ViewerInputError(ValueError):
+    """A layer named in a call does not exist or does not fit the image."""
+
+
+def _layer_data(viewer, name, kind: str, image_shape: tuple | None = None, role: str = "") -> np.ndarray:
+    """A private copy of a layer's data, checked against the image's shape."""
+    layer = name if not isinstance(name, str) else None
+    if layer is None:
+        if name not in viewer.layers:
+            raise ViewerInputError(f"there is no layer named {name!r}; pick one of "
+                                   f"{[layer.name for layer in viewer.layers]}.")
+        layer = viewer.layers[name]
+    if layer._type_string != kind:
+        raise ViewerInputError(f"layer {layer.name!r} is a {layer._type_string} layer; the {role or kind} "
+                               f"must be a {kind} layer.")
+    data = np.array(layer.data, copy=True)
+    if image_shape is not None and data.shape != image_shape:
+        hint = (" It is a 2D drawing on a 3D image: draw in a layer with the image's shape (napari: "
+                "New Labels layer while the image is selected)." if data.ndim < len(image_shape) else "")
+        raise ViewerInputError(f"{role} layer {layer.name!r} has shape {data.shape} but image has shape "
+                               f"{image_shape}.{hint}")
+    return data
+
+
+def _names(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        return [value]
+    return list(value)
+
+
+def _spatial(image: np.ndarray, rgb: bool) -> tuple:
+    return image.shape[:-1] if rgb else image.shape
+
+
+def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negative=(), background=(),
+                    partial=None, strong=None, separation=None, steps: int | None = None,
+                    iterations: int | None = None, preset: str | None = None, device: str = "auto",
+                    seed: int | None = 0, start: bool = True, on_event=None, **overrides):
+    """Train on layers of ``viewer`` in a background thread; return the worker.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    image : str or Layer
+        The image layer (name or layer).
+    method : {"refineseg", "recursive"}
+    positive, negative, background : list of str
+        Refineseg drawing layers (names or layers); one learned head each.
+    partial, strong, separation : str, optional
+        Recursive method layers: partial masks, exact masks, interface scribbles.
+    steps, iterations : int, optional
+        Optimiser steps (per iteration for the recursive method) and
+        iterations; default from the preset.
+    preset : str, optional
+        A preset of ``models/``; default the method's name.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    seed : int, optional
+    start : bool
+        Start the worker (set False to connect more signals first).
+    on_event : callable, optional
+        Called in the GUI thread with every :class:`TrainingEvent`.
+    **overrides
+        Any :class:`TrainingConfig` field.
+
+    Returns
+    -------
+    worker : GeneratorWorker or None
+        Yields the core's events; returns ``(model, prediction)``. ``None``
+        when the inputs are wrong (a notification says why).
+
+    Notes
+    -----
+    Creates the Labels layer ``"<image> evolution"`` (a leading iteration
+    axis, filled live, the dims slider following the newest plane), and at
+    the end ``"<image> prediction"`` and, for refineseg,
+    ``"<image> annotation reliability"``. Existing layers of those names are
+    replaced; user layers are never written.
+    """
+    try:
+        if method not in METHODS:
+            raise ViewerInputError(f"unknown method {method!r}; use one of {METHODS}.")
+        image_layer = viewer.layers[image] if isinstance(image, str) and image in viewer.layers else image
+        if isinstance(image_layer, str):
+            raise ViewerInputError(f"there is no image layer named {image!r}; open an image first.")
+        image_data = _layer_data(viewer, image_layer, "image", role="image")
+        rgb = bool(getattr(image_layer, "rgb", False))
+        shape = _spatial(image_data, rgb)
+        name = image_layer.name
+        settings = dict(overrides, steps=steps) if steps is not None else dict(overrides)
+        if iterations is not None:
+            settings["iterations"] = iterations
+        if method == "refineseg":
+            layers = {role: [_layer_data(viewer, n, "labels", shape, role) for n in _names(value)]
+                      for role, value in (("positive", positive), ("negative", negative),
+                                          ("background", background))}
+            if not any(layers.values()):
+                raise ViewerInputError("no drawing layer given: pick at least one positive or negative "
+                                       "drawing layer.")
+            generator = train_refineseg(image_data, layers["positive"], layers["negative"], layers["background"],
+                                        config=preset, seed=seed, device=device, rgb=rgb, names=[name],
+                                        **settings)
+        else:
+            if partial is None:
+                raise ViewerInputError("the recursive method needs a partial-mask layer (rough inner region "
+                                       "of every object).")
+            partial_data = _layer_data(viewer, partial, "labels", shape, "partial")
+            strong_data = None if strong is None else _layer_data(viewer, strong, "labels", shape, "strong")
+            separation_data = (None if separation is None
+                               else _layer_data(viewer, separation, "labels", shape, "separation"))
+            generator = train_recursive(image_data, partial_data, strong_data, separation_data, config=preset,
+                                        seed=seed, device=device, rgb=rgb, names=[name], **settings)
+    except (ViewerInputError, AnnotationError, ValueError, KeyError) as error:
+        show_error(f"Cannot train: {error}")
+        return None
+
+    def work():
+        model = yield from generator
+        if model is None:  # closed early
+            return None
+        return model, predict(model, image_data, device=device, name=name)
+
+    # ignore_errors: our handler shows one notification instead of napari re-raising in the GUI thread.
+    worker = thread_worker(work, start_thread=False, ignore_errors=True)()
+    evolution: list[np.ndarray] = []
+
+    def on_yielded(event):
+        if event.masks is not None:
+            evolution.append(np.asarray(event.masks[0]))
+            _show_evolution(viewer, name, evolution)
+        if on_event is not None:
+            on_event(event)
+
+    def on_returned(result):
+        if result is None:
+            return
+        model, prediction = result
+        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels")
+        if prediction.reliability is not None:
+            _replace_layer(viewer, reliability_layer_name(name), prediction.reliability, "image",
+                           colormap="magma", opacity=0.6, visible=False)
+        worker.model = model
+        show_info(f"Training done: {model.card['training']['seconds']:.0f} s on "
+                  f"{model.card['training']['device']}.")
+
+    def on_errored(error):
+        show_error(f"Training failed: {error}")
+
+    # Adding a layer with a new (iteration) axis costs a few hundred ms of GUI
+    # time; pay it now, before training, so that live updates only set data.
+    _show_evolution(viewer, name, [np.zeros(shape, dtype=np.uint8)])
+    worker.model = None
+    worker.yielded.connect(on_yielded)
+    worker.returned.connect(on_returned)
+    worker.errored.connect(on_errored)
+    if start:
+        worker.start()
+    return worker
+
+
+def _replace_layer(viewer, name: str, data, kind: str, **kwargs):
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if layer._type_string == kind and layer.data.ndim == np.ndim(data):
+            layer.data = data
+            return layer
+        viewer.layers.remove(name)
+    add = viewer.add_labels if kind == "labels" else viewer.add_image
+    return add(data, name=name, **kwargs)
+
+
+def _show_evolution(viewer, image_name: str, planes: list[np.ndarray]):
+    """Show planes 0..n as one Labels layer with a leading iteration axis; follow the newest."""
+    stack = np.stack(planes)
+    layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels")
+    if layer.data is not stack:
+        layer.data = stack
+    viewer.dims.set_current_step(0, len(planes) - 1)
+    return layer
+
+
+def predict_in_viewer(viewer, model, image, device: str = "auto", instances: bool = False, start: bool = True):
+    """Segment an image layer with a model (object or file path) in a background thread.
+
+    Adds or replaces ``"<image> prediction"`` (Labels); with ``instances``,
+    touching objects of a class become separate labels for counting.
+    Returns the worker, or ``None`` when the inputs are wrong (a notification
+    says why).
+    """
+    try:
+        image_layer = viewer.layers[image] if isinstance(image, str) and image in viewer.layers else image
+        if isinstance(image_layer, str):
+            raise ViewerInputError(f"there is no image layer named {image!r}; open an image first.")
+        image_data = _layer_data(viewer, image_layer, "image", role="image")
+        if not isinstance(model, Model):
+            model = load_model(model)
+    except (ViewerInputError, ModelFileError, OSError, ValueError) as error:
+        show_error(f"Cannot predict: {error}")
+        return None
+    name = image_layer.name
+
+    def work():
+        labels = predict(model, image_data, device=device, name=name).labels
+        if instances:
+            from skimage.measure import label
+
+            # Connected regions of equal class become separate objects.
+            labels = label(labels, background=0).astype(np.uint32)
+        return labels
+
+    worker = thread_worker(work, start_thread=False, ignore_errors=True)()
+    worker.returned.connect(lambda labels: _replace_layer(viewer, prediction_layer_name(name), labels, "labels"))
+    worker.errored.connect(lambda error: show_error(f"Prediction failed: {error}"))
+    if start:
+        worker.start()
+    return worker

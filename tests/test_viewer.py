@@ -1,0 +1,163 @@
+"""Training and prediction in a napari viewer: layers, responsiveness, cancel, untouched user layers, errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from qtpy.QtCore import QTimer  # noqa: E402
+
+from napari_coarseseg import _viewer  # noqa: E402
+from napari_coarseseg._viewer import predict_in_viewer, train_in_viewer  # noqa: E402
+
+TINY = dict(base_channels=4, depth=2, patch_size=32, batch_size=2, device="cpu")
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages of the error notifications shown by the viewer functions."""
+    shown = []
+    monkeypatch.setattr(_viewer, "show_error", shown.append)
+    return shown
+
+
+@pytest.fixture
+def drawn_viewer(make_napari_viewer, discs, disc_drawings):
+    viewer = make_napari_viewer()
+    image, mask = discs
+    viewer.add_image(image, name="discs")
+    viewer.add_labels(disc_drawings.positive.copy(), name="positive")
+    viewer.add_labels(disc_drawings.negative.copy(), name="negative")
+    viewer.add_labels(disc_drawings.partial.copy(), name="partial")
+    viewer.add_labels(mask.astype(np.uint8), name="exact")
+    return viewer
+
+
+def snapshot(viewer):
+    return {layer.name: np.asarray(layer.data).tobytes() for layer in viewer.layers}
+
+
+def test_refineseg_training_fills_evolution_and_adds_prediction_without_blocking(drawn_viewer, qtbot, errors):
+    viewer = drawn_viewer
+    before = snapshot(viewer)
+    # A 10 ms timer measures the longest stall of the event loop during training.
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    events = []
+    worker = train_in_viewer(viewer, "discs", positive=["positive"], negative=["negative"], steps=30,
+                             evolution_every=10, seed=0, start=False, on_event=events.append, **TINY)
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        worker.start()
+    timer.stop()
+
+    assert errors == []
+    assert max(np.diff(ticks)) < 0.3, f"event loop blocked for {max(np.diff(ticks)) * 1000:.0f} ms"
+    evolution = viewer.layers["discs evolution"]
+    assert evolution.data.shape[1:] == viewer.layers["discs"].data.shape
+    assert evolution.data.shape[0] == sum(e.masks is not None for e in events) >= 3
+    assert viewer.dims.current_step[0] == evolution.data.shape[0] - 1  # the slider follows the newest plane
+    prediction = viewer.layers["discs prediction"]
+    assert prediction.data.shape == viewer.layers["discs"].data.shape
+    assert set(np.unique(prediction.data)) <= {0, 1}
+    assert viewer.layers["discs annotation reliability"].data.shape == prediction.data.shape
+    assert worker.model is not None and worker.model.card["method"] == "refineseg"
+    after = snapshot(viewer)
+    for name, data in before.items():
+        assert after[name] == data, f"user layer {name!r} was modified"
+
+
+def test_recursive_training_evolution_has_k_plus_one_planes(drawn_viewer, qtbot, errors):
+    viewer = drawn_viewer
+    worker = train_in_viewer(viewer, "discs", method="recursive", partial="partial", strong="exact", steps=3,
+                             iterations=2, start=False, **TINY)
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        worker.start()
+    assert errors == []
+    evolution = viewer.layers["discs evolution"].data
+    assert evolution.shape[0] == 3
+    # plane 0 is the drawing itself; regions only grow
+    np.testing.assert_array_equal(evolution[0] > 0, viewer.layers["partial"].data > 0)
+    assert np.all(evolution[1:] >= (evolution[:-1] > 0))
+    assert "discs prediction" in viewer.layers
+    assert "discs annotation reliability" not in viewer.layers
+
+
+def test_cancel_stops_within_seconds_and_leaves_the_viewer_consistent(drawn_viewer, qtbot, errors):
+    viewer = drawn_viewer
+    before = snapshot(viewer)
+    worker = train_in_viewer(viewer, "discs", positive=["positive"], steps=100_000, evolution_every=2,
+                             start=False, **TINY)
+    with qtbot.waitSignal(worker.yielded, timeout=60_000):
+        worker.start()
+    qtbot.waitUntil(lambda: "discs evolution" in viewer.layers, timeout=60_000)
+    start = time.perf_counter()
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        worker.quit()
+    assert time.perf_counter() - start < 10
+    assert "discs prediction" not in viewer.layers
+    evolution = viewer.layers["discs evolution"].data
+    assert evolution.ndim == 3 and evolution.shape[1:] == viewer.layers["discs"].data.shape
+    assert errors == []
+    assert all(snapshot(viewer)[name] == data for name, data in before.items())
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(image="nope", positive=["positive"]), "no image layer named 'nope'"),
+        (dict(image="discs"), "no drawing layer given"),
+        (dict(image="discs", positive=["missing"]), "no layer named 'missing'"),
+        (dict(image="discs", positive=["discs"]), "must be a labels layer"),
+        (dict(image="discs", positive=["small"]), "has shape (8, 8) but image has shape"),
+        (dict(image="discs", method="recursive"), "needs a partial-mask layer"),
+        (dict(image="discs", method="magic", positive=["positive"]), "unknown method"),
+    ],
+)
+def test_bad_inputs_notify_and_start_nothing(drawn_viewer, errors, call, message):
+    drawn_viewer.add_labels(np.zeros((8, 8), np.uint8), name="small")
+    before = snapshot(drawn_viewer)
+    assert train_in_viewer(drawn_viewer, **call, **TINY) is None
+    assert len(errors) == 1 and message in errors[0], errors
+    assert snapshot(drawn_viewer) == before
+
+
+def test_a_2d_drawing_on_a_stack_says_how_to_fix_it(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((3, 32, 32)), name="stack")
+    viewer.add_labels(np.ones((32, 32), np.uint8), name="flat")
+    assert train_in_viewer(viewer, "stack", positive=["flat"], **TINY) is None
+    assert "2D drawing on a 3D image" in errors[0]
+
+
+def test_nothing_drawn_fails_in_the_worker_with_a_notification(drawn_viewer, qtbot, errors):
+    drawn_viewer.add_labels(np.zeros_like(drawn_viewer.layers["positive"].data), name="empty")
+    worker = train_in_viewer(drawn_viewer, "discs", positive=["empty"], steps=5, start=False, **TINY)
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        worker.start()
+    assert len(errors) == 1 and errors[0].startswith("Training failed:"), errors
+    assert "discs prediction" not in drawn_viewer.layers
+
+
+def test_predict_in_viewer_adds_labels_and_instances(drawn_viewer, qtbot, errors, disc_model, tmp_path):
+    from napari_coarseseg import save_model
+
+    path = tmp_path / "discs.safetensors"
+    save_model(disc_model, path)
+    worker = predict_in_viewer(drawn_viewer, str(path), "discs", device="cpu", instances=True, start=False)
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        worker.start()
+    labels = drawn_viewer.layers["discs prediction"].data
+    from skimage.measure import label
+
+    # one label per disc (instances), close to the number of discs in the exact mask
+    assert abs(labels.max() - label(drawn_viewer.layers["exact"].data).max()) <= 1
+    assert len(np.unique(labels)) == labels.max() + 1
+    assert predict_in_viewer(drawn_viewer, str(tmp_path / "missing.safetensors"), "discs") is None
+    assert "Cannot predict" in errors[0]
