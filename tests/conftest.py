@@ -111,3 +111,30 @@ def tiny_two_class_model(two_class):
     image, mask = two_class
     drawings = simulate(mask, erode=(1, 2), margin=3, seed=0)
     return run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], seed=0, **TINY))
+
+
+# --------------------------------------------------------------------------- napari (GUI tests only)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages of the error notifications the viewer functions and widgets show."""
+    from napari_coarseseg import _viewer, _widgets
+
+    shown = []
+    monkeypatch.setattr(_viewer, "show_error", shown.append)
+    monkeypatch.setattr(_widgets, "show_error", shown.append)
+    return shown
+
+
+@pytest.fixture
+def drawn_viewer(make_napari_viewer, discs, disc_drawings):
+    """A viewer with the disc image ("discs") and layers "positive", "negative", "partial", "exact"."""
+    viewer = make_napari_viewer()
+    image, mask = discs
+    viewer.add_image(image, name="discs")
+    viewer.add_labels(disc_drawings.positive.copy(), name="positive")
+    viewer.add_labels(disc_drawings.negative.copy(), name="negative")
+    viewer.add_labels(disc_drawings.partial.copy(), name="partial")
+    viewer.add_labels(mask.astype(np.uint8), name="exact")
+    return viewer

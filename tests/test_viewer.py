@@ -11,30 +11,9 @@ pytest.importorskip("napari")
 
 from qtpy.QtCore import QTimer  # noqa: E402
 
-from napari_coarseseg import _viewer  # noqa: E402
 from napari_coarseseg._viewer import predict_in_viewer, train_in_viewer  # noqa: E402
 
 TINY = dict(base_channels=4, depth=2, patch_size=32, batch_size=2, device="cpu")
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    """Messages of the error notifications shown by the viewer functions."""
-    shown = []
-    monkeypatch.setattr(_viewer, "show_error", shown.append)
-    return shown
-
-
-@pytest.fixture
-def drawn_viewer(make_napari_viewer, discs, disc_drawings):
-    viewer = make_napari_viewer()
-    image, mask = discs
-    viewer.add_image(image, name="discs")
-    viewer.add_labels(disc_drawings.positive.copy(), name="positive")
-    viewer.add_labels(disc_drawings.negative.copy(), name="negative")
-    viewer.add_labels(disc_drawings.partial.copy(), name="partial")
-    viewer.add_labels(mask.astype(np.uint8), name="exact")
-    return viewer
 
 
 def snapshot(viewer):

@@ -1,0 +1,289 @@
+"""napari widgets: thin Qt forms over :mod:`._viewer` (training and prediction in thread workers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import napari
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._viewer import predict_in_viewer, train_in_viewer
+from .model_io import save_model
+from .training import describe_device, list_presets, load_preset, select_device
+
+NONE = "(none)"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def describe_device_choice(choice: str) -> str:
+    """What a device choice resolves to here, e.g. ``"CPU, 2 threads"``, or why it cannot be used."""
+    try:
+        return describe_device(select_device(choice))
+    except ValueError as error:
+        return f"not available: {error}"
+
+
+class LayerChoice(QComboBox):
+    """A combo box of the viewer's layers of one kind, kept in sync with the layer list."""
+
+    def __init__(self, viewer: napari.Viewer, kind: str, optional: bool = False, parent=None):
+        super().__init__(parent)
+        self.viewer, self.kind, self.optional = viewer, kind, optional
+        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.removed.connect(self.refresh)
+        viewer.layers.events.reordered.connect(self.refresh)
+        self.refresh()
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if layer._type_string == self.kind]
+
+    def refresh(self, event=None):
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(([NONE] if self.optional else []) + self.names())
+        if current and self.findText(current) >= 0:
+            self.setCurrentText(current)
+        self.blockSignals(False)
+
+    def value(self) -> str | None:
+        text = self.currentText()
+        return None if not text or text == NONE else text
+
+
+class TrainWidget(QWidget):
+    """Method, preset, layers, steps, device; Start becomes Cancel; progress, loss readout, save."""
+
+    ROLES = {"refineseg": ("positive", "negative", "background"), "recursive": ("partial", "strong", "separation")}
+
+    def __init__(self, napari_viewer: napari.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.model = None
+        self._cancelled = False
+        self._progress = None
+
+        self.image = LayerChoice(napari_viewer, "image")
+        self.method = QComboBox()
+        self.method.addItems(list(self.ROLES))
+        self.preset = QComboBox()
+        self.roles = {role: LayerChoice(napari_viewer, "labels", optional=True)
+                      for roles in self.ROLES.values() for role in roles}
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1_000_000)
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 1000)
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.device_found = QLabel(describe_device_choice("auto"))
+        self.start_button = QPushButton("Start training")
+        self.save_button = QPushButton("Save model...")
+        self.save_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("image", self.image)
+        form.addRow("method", self.method)
+        form.addRow("preset", self.preset)
+        self._role_rows = {}
+        for role, choice in self.roles.items():
+            label = QLabel(role)
+            form.addRow(label, choice)
+            self._role_rows[role] = (label, choice)
+        form.addRow("steps", self.steps)
+        form.addRow("iterations", self.iterations)
+        form.addRow("device", self.device)
+        form.addRow("", self.device_found)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.start_button)
+        layout.addWidget(self.status)
+        layout.addWidget(self.save_button)
+        layout.addStretch()
+
+        self.method.currentTextChanged.connect(self._method_changed)
+        self.preset.currentTextChanged.connect(self._preset_changed)
+        self.device.currentTextChanged.connect(lambda choice: self.device_found.setText(describe_device_choice(choice)))
+        self.start_button.clicked.connect(self._start_or_cancel)
+        self.save_button.clicked.connect(self._save)
+        self._method_changed(self.method.currentText())
+
+    # ------------------------------------------------------------------ form
+
+    def _method_changed(self, method: str):
+        for role, (label, choice) in self._role_rows.items():
+            visible = role in self.ROLES[method]
+            label.setVisible(visible)
+            choice.setVisible(visible)
+        self.iterations.setEnabled(method == "recursive")
+        self.preset.blockSignals(True)
+        self.preset.clear()
+        self.preset.addItems([name for name in list_presets() if name.startswith(method)])
+        self.preset.blockSignals(False)
+        self._preset_changed(self.preset.currentText())
+
+    def _preset_changed(self, name: str):
+        if not name:
+            return
+        config = load_preset(name)
+        self.steps.setValue(config.steps)
+        self.iterations.setValue(config.iterations)
+
+    # ------------------------------------------------------------------ run
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _start_or_cancel(self):
+        if self.running:
+            self.cancel()
+        else:
+            self.start()
+
+    def start(self):
+        """Start training with the form's settings (what the Start button does); return the worker."""
+        method = self.method.currentText()
+        roles = {role: self.roles[role].value() for role in self.ROLES[method]}
+        if method == "refineseg":
+            layers = {role: [name] if name else [] for role, name in roles.items()}
+        else:
+            layers = roles
+        total = self.steps.value() * (self.iterations.value() if method == "recursive" else 1)
+        worker = train_in_viewer(
+            self.viewer, self.image.value() or "", method=method, **layers, steps=self.steps.value(),
+            iterations=self.iterations.value() if method == "recursive" else None,
+            preset=self.preset.currentText() or None, device=self.device.currentText(), start=False,
+            on_event=self._on_event,
+        )
+        if worker is None:
+            return None
+        self.worker = worker
+        self.model = None
+        self._cancelled = False
+        self._progress = progress(total=total, desc=f"Training {method}")
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self.start_button.setText("Cancel")
+        self.save_button.setEnabled(False)
+        self.status.setText("starting...")
+        worker.start()
+        return worker
+
+    def cancel(self):
+        if self.worker is not None:
+            self._cancelled = True
+            self.status.setText("cancelling...")
+            self.worker.quit()
+
+    def _on_event(self, event):
+        if self._cancelled:  # events still queued when Cancel was pressed
+            return
+        if self._progress is not None:
+            self._progress.update(event.step - self._progress.n)
+        losses = ", ".join(f"{name} {value:.3f}" for name, value in event.losses.items())
+        self.status.setText(f"{event.message}\nstep {event.step}/{event.total_steps}, {event.elapsed:.0f} s"
+                            + (f"\nloss: {losses}" if losses else ""))
+
+    def _on_returned(self, result):
+        if result is not None:
+            self.model = result[0]
+            self.save_button.setEnabled(True)
+
+    def _on_finished(self):
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        self.start_button.setText("Start training")
+        if self._cancelled:
+            self.status.setText("cancelled; the evolution so far is kept.")
+        elif self.model is not None:
+            self.status.setText(f"done in {self.model.card['training']['seconds']:.0f} s on "
+                                f"{self.model.card['training']['device']}.")
+
+    def _save(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", "model.safetensors", "Models (*.safetensors)")
+        if path:
+            self.save_model(path)
+
+    def save_model(self, path):
+        """Save the last trained model (a model file and its card, see DESIGN.md)."""
+        if self.model is None:
+            show_error("No trained model yet: press Start training first.")
+            return
+        try:
+            save_model(self.model, path)
+        except OSError as error:
+            show_error(f"Cannot save the model: {error}")
+            return
+        show_info(f"Model saved to {path}")
+
+
+class PredictWidget(QWidget):
+    """A model file, an image layer (2D, stack or RGB), optional instances; adds "<image> prediction"."""
+
+    def __init__(self, napari_viewer: napari.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("model.safetensors")
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self._browse)
+        self.image = LayerChoice(napari_viewer, "image")
+        self.instances = QCheckBox("split into object instances (for counting)")
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.predict_button = QPushButton("Predict")
+        self.predict_button.clicked.connect(self.predict)
+
+        row = QHBoxLayout()
+        row.addWidget(self.model_path)
+        row.addWidget(browse)
+        form = QFormLayout()
+        form.addRow("model", row)
+        form.addRow("image", self.image)
+        form.addRow("device", self.device)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.instances)
+        layout.addWidget(self.predict_button)
+        layout.addStretch()
+
+    def _browse(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Open model", "", "Models (*.safetensors)")
+        if path:
+            self.model_path.setText(path)
+
+    def predict(self):
+        """Run the prediction (what the Predict button does); return the worker."""
+        path = self.model_path.text().strip()
+        if not path:
+            show_error("Choose a model file first (Browse...).")
+            return None
+        if not Path(path).is_file():
+            show_error(f"Model file {path} does not exist; choose another one.")
+            return None
+        self.worker = predict_in_viewer(self.viewer, path, self.image.value() or "",
+                                        device=self.device.currentText(), instances=self.instances.isChecked())
+        if self.worker is not None:
+            self.predict_button.setEnabled(False)
+            self.worker.finished.connect(lambda: self.predict_button.setEnabled(True))
+        return self.worker
