@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import napari
+import numpy as np
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -17,15 +19,20 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from ._viewer import predict_in_viewer, train_in_viewer
+from .annotations import Role, simulate
 from .model_io import save_model
 from .training import describe_device, list_presets, load_preset, select_device
 
 NONE = "(none)"
+ROLE_KEY = "coarseseg_role"  # layer.metadata key: the drawing role a Labels layer is assigned to
+ROLES = tuple(role.value for role in Role)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -40,9 +47,10 @@ def describe_device_choice(choice: str) -> str:
 class LayerChoice(QComboBox):
     """A combo box of the viewer's layers of one kind, kept in sync with the layer list."""
 
-    def __init__(self, viewer: napari.Viewer, kind: str, optional: bool = False, parent=None):
+    def __init__(self, viewer: napari.Viewer, kind: str, optional: bool = False, role: str | None = None,
+                 parent=None):
         super().__init__(parent)
-        self.viewer, self.kind, self.optional = viewer, kind, optional
+        self.viewer, self.kind, self.optional, self.role = viewer, kind, optional, role
         viewer.layers.events.inserted.connect(self.refresh)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.layers.events.reordered.connect(self.refresh)
@@ -56,8 +64,13 @@ class LayerChoice(QComboBox):
         self.blockSignals(True)
         self.clear()
         self.addItems(([NONE] if self.optional else []) + self.names())
-        if current and self.findText(current) >= 0:
+        if current and current != NONE and self.findText(current) >= 0:
             self.setCurrentText(current)
+        elif self.role is not None:  # a layer assigned to this role in the Coarse annotations widget
+            assigned = [layer.name for layer in self.viewer.layers
+                        if layer._type_string == self.kind and layer.metadata.get(ROLE_KEY) == self.role]
+            if assigned:
+                self.setCurrentText(assigned[-1])
         self.blockSignals(False)
 
     def value(self) -> str | None:
@@ -82,7 +95,7 @@ class TrainWidget(QWidget):
         self.method = QComboBox()
         self.method.addItems(list(self.ROLES))
         self.preset = QComboBox()
-        self.roles = {role: LayerChoice(napari_viewer, "labels", optional=True)
+        self.roles = {role: LayerChoice(napari_viewer, "labels", optional=True, role=role)
                       for roles in self.ROLES.values() for role in roles}
         self.steps = QSpinBox()
         self.steps.setRange(1, 1_000_000)
@@ -287,3 +300,172 @@ class PredictWidget(QWidget):
             self.predict_button.setEnabled(False)
             self.worker.finished.connect(lambda: self.predict_button.setEnabled(True))
         return self.worker
+
+
+class AnnotationsWidget(QWidget):
+    """Drawing layers per role, a class table, simulation from a full mask, live counts of drawn pixels."""
+
+    def __init__(self, napari_viewer: napari.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.image = LayerChoice(napari_viewer, "image")
+        self.create_button = QPushButton("Create empty drawing layers")
+        self.create_button.clicked.connect(self.create_layers)
+
+        self.classes = QTableWidget(1, 2)
+        self.classes.setHorizontalHeaderLabels(["value", "name"])
+        self.classes.setItem(0, 0, QTableWidgetItem("1"))
+        self.classes.setItem(0, 1, QTableWidgetItem("object"))
+        add_class = QPushButton("Add class")
+        add_class.clicked.connect(self.add_class)
+
+        self.assign_layer = LayerChoice(napari_viewer, "labels")
+        self.assign_role = QComboBox()
+        self.assign_role.addItems(ROLES)
+        assign = QPushButton("Assign role")
+        assign.clicked.connect(self.assign)
+
+        self.full_mask = LayerChoice(napari_viewer, "labels")
+        self.instances = QCheckBox("the mask holds instances (all of class 1)")
+        self.instances.setChecked(True)
+        simulate_button = QPushButton("Simulate coarse drawings from this mask")
+        simulate_button.clicked.connect(self.simulate_from_mask)
+
+        self.counts = QLabel("")
+        self.counts.setWordWrap(True)
+        # Painting emits many events: recount at most every 200 ms.
+        self._recount = QTimer(self)
+        self._recount.setSingleShot(True)
+        self._recount.setInterval(200)
+        self._recount.timeout.connect(self.update_counts)
+
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        form.addRow("image", self.image)
+        layout.addLayout(form)
+        layout.addWidget(self.create_button)
+        layout.addWidget(QLabel("Classes (value painted, name shown)"))
+        layout.addWidget(self.classes)
+        layout.addWidget(add_class)
+        assign_row = QHBoxLayout()
+        assign_row.addWidget(self.assign_layer)
+        assign_row.addWidget(self.assign_role)
+        assign_row.addWidget(assign)
+        layout.addWidget(QLabel("Use an existing Labels layer as"))
+        layout.addLayout(assign_row)
+        layout.addWidget(QLabel("Full mask"))
+        layout.addWidget(self.full_mask)
+        layout.addWidget(self.instances)
+        layout.addWidget(simulate_button)
+        layout.addWidget(QLabel("Drawn pixels"))
+        layout.addWidget(self.counts)
+        layout.addStretch()
+
+        napari_viewer.layers.events.inserted.connect(self._watch)
+        napari_viewer.layers.events.removed.connect(lambda event: self._recount.start())
+        for layer in napari_viewer.layers:
+            self._watch_layer(layer)
+        self.update_counts()
+
+    # ------------------------------------------------------------------ classes
+
+    def add_class(self):
+        row = self.classes.rowCount()
+        self.classes.insertRow(row)
+        self.classes.setItem(row, 0, QTableWidgetItem(str(row + 1)))
+        self.classes.setItem(row, 1, QTableWidgetItem(f"class {row + 1}"))
+
+    def class_names(self) -> dict[int, str]:
+        names = {}
+        for row in range(self.classes.rowCount()):
+            value, name = self.classes.item(row, 0), self.classes.item(row, 1)
+            if value is not None and value.text().strip().isdigit():
+                names[int(value.text())] = name.text() if name is not None else value.text()
+        return names
+
+    # ------------------------------------------------------------------ layers
+
+    def _image_layer(self):
+        name = self.image.value()
+        if name is None:
+            show_error("Open or pick an image layer first.")
+            return None
+        return self.viewer.layers[name]
+
+    def _add_role_layer(self, image_layer, role: str, data=None):
+        shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
+        name = f"{image_layer.name} {role}"
+        if data is None and name in self.viewer.layers:
+            return self.viewer.layers[name]  # never replace what the user drew
+        if data is None:
+            data = np.zeros(shape, dtype=np.uint8)
+        layer = self.viewer.add_labels(data, name=name, metadata={ROLE_KEY: role},
+                                       opacity=0.4 if role in ("negative", "background") else 0.7)
+        return layer
+
+    def create_layers(self):
+        """One empty Labels layer per role, named "<image> <role>", unless it exists."""
+        image_layer = self._image_layer()
+        if image_layer is None:
+            return []
+        return [self._add_role_layer(image_layer, role) for role in ROLES]
+
+    def assign(self):
+        name = self.assign_layer.value()
+        if name is None:
+            show_error("There is no Labels layer to assign; draw one or create the drawing layers.")
+            return
+        self.viewer.layers[name].metadata[ROLE_KEY] = self.assign_role.currentText()
+        self.update_counts()
+
+    def simulate_from_mask(self):
+        """New positive, negative and partial layers simulated from the chosen full mask (left unchanged)."""
+        image_layer, name = self._image_layer(), self.full_mask.value()
+        if image_layer is None:
+            return []
+        if name is None:
+            show_error("Pick the Labels layer that holds a full mask to simulate from.")
+            return []
+        mask = np.asarray(self.viewer.layers[name].data)
+        shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
+        if mask.shape != shape:
+            show_error(f"The mask {name!r} has shape {mask.shape} but the image has {shape}; pick a mask of the "
+                       "image's shape.")
+            return []
+        drawings = simulate(mask, instances=self.instances.isChecked())
+        added = [self._add_role_layer(image_layer, f"{role} (simulated)", getattr(drawings, role))
+                 for role in ("positive", "negative", "partial")]
+        for layer, role in zip(added, ("positive", "negative", "partial")):
+            layer.metadata[ROLE_KEY] = role
+        self.update_counts()
+        return added
+
+    # ------------------------------------------------------------------ counts
+
+    def _watch(self, event):
+        self._watch_layer(event.value)
+        self._recount.start()
+
+    def _watch_layer(self, layer):
+        if layer._type_string == "labels":
+            layer.events.data.connect(lambda event: self._recount.start())
+            if hasattr(layer.events, "paint"):
+                layer.events.paint.connect(lambda event: self._recount.start())
+
+    def update_counts(self):
+        """Drawn pixels per role and class of the layers assigned to a role."""
+        names = self.class_names()
+        lines = []
+        for layer in self.viewer.layers:
+            role = layer.metadata.get(ROLE_KEY) if layer._type_string == "labels" else None
+            if role is None:
+                continue
+            data = np.asarray(layer.data)
+            counts = np.bincount(data[data > 0].astype(np.int64, copy=False))
+            drawn = [(value, int(n)) for value, n in enumerate(counts) if value and n]
+            if role == Role.BACKGROUND.value:
+                text = f"{sum(n for _, n in drawn)} px"
+            else:
+                text = ", ".join(f"{names.get(value, value)}: {n} px" for value, n in drawn) or "nothing drawn"
+            lines.append(f"{layer.name} ({role}): {text}")
+        self.counts.setText("\n".join(lines) or "No drawing layer yet: create them or assign a role.")

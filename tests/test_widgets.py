@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("napari")
 
 from napari_coarseseg import save_model  # noqa: E402
-from napari_coarseseg._widgets import PredictWidget, TrainWidget  # noqa: E402
+from napari_coarseseg._widgets import ROLE_KEY, AnnotationsWidget, PredictWidget, TrainWidget  # noqa: E402
 
 PLUGIN = "napari-coarseseg"
 
@@ -18,7 +18,9 @@ def viewer(drawn_viewer):
     return drawn_viewer
 
 
-@pytest.mark.parametrize("name, kind", [("Train", TrainWidget), ("Predict", PredictWidget)])
+@pytest.mark.parametrize(
+    "name, kind", [("Coarse annotations", AnnotationsWidget), ("Train", TrainWidget), ("Predict", PredictWidget)]
+)
 def test_widgets_build_from_the_manifest(viewer, name, kind):
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     assert isinstance(widget, kind)
@@ -94,3 +96,62 @@ def test_predict_widget_adds_a_labels_layer(viewer, qtbot, errors, disc_model, t
     widget.model_path.setText(str(tmp_path / "missing.safetensors"))
     widget.predict_button.click()
     assert "does not exist" in errors[-1]
+
+
+def test_annotations_widget_creates_one_empty_layer_per_role_once(viewer):
+    widget = AnnotationsWidget(viewer)
+    created = widget.create_layers()
+    roles = ["positive", "negative", "background", "partial", "strong", "separation"]
+    assert [layer.name for layer in created] == [f"discs {role}" for role in roles]
+    for layer, role in zip(created, roles):
+        assert layer.data.shape == viewer.layers["discs"].data.shape and not layer.data.any()
+        assert layer.metadata[ROLE_KEY] == role
+    viewer.layers["discs positive"].data[10, 10] = 1
+    n_layers = len(viewer.layers)
+    widget.create_layers()  # again: nothing replaced, nothing added
+    assert len(viewer.layers) == n_layers and viewer.layers["discs positive"].data[10, 10] == 1
+
+
+def test_simulate_from_a_full_mask_adds_layers_and_keeps_the_mask(viewer, errors):
+    widget = AnnotationsWidget(viewer)
+    widget.full_mask.setCurrentText("exact")
+    widget.instances.setChecked(False)
+    mask_before = viewer.layers["exact"].data.tobytes()
+    added = widget.simulate_from_mask()
+    assert [layer.name for layer in added] == ["discs positive (simulated)", "discs negative (simulated)",
+                                               "discs partial (simulated)"]
+    exact = viewer.layers["exact"].data
+    positive, negative, partial = (layer.data for layer in added)
+    assert positive.any() and np.all(exact[positive > 0] == 1)  # inside the objects
+    assert negative.any() and not np.any(exact[negative > 0])  # outside them
+    assert 0 < (partial > 0).sum() < (exact > 0).sum()
+    assert viewer.layers["exact"].data.tobytes() == mask_before
+    assert errors == []
+
+
+def test_counts_follow_painting_and_roles_reach_the_train_widget(viewer, qtbot):
+    widget = AnnotationsWidget(viewer)
+    widget.classes.item(0, 1).setText("nucleus")
+    widget.assign_layer.setCurrentText("positive")
+    widget.assign_role.setCurrentText("positive")
+    widget.assign()
+    expected = int((viewer.layers["positive"].data > 0).sum())
+    assert f"positive (positive): nucleus: {expected} px" in widget.counts.text()
+    layer = viewer.layers["positive"]
+    layer.data = np.where(np.arange(layer.data.size).reshape(layer.data.shape) < 10, 1, layer.data).astype(
+        layer.data.dtype)
+    qtbot.waitUntil(lambda: f"nucleus: {int((layer.data > 0).sum())} px" in widget.counts.text(), timeout=2000)
+    # a role assigned here is preselected in a new Train widget
+    viewer.layers["partial"].metadata[ROLE_KEY] = "partial"
+    train = TrainWidget(viewer)
+    assert train.roles["partial"].currentText() == "partial"
+    assert train.roles["strong"].currentText() == "(none)"
+
+
+def test_annotations_widget_errors_notify(make_napari_viewer, errors):
+    widget = AnnotationsWidget(make_napari_viewer())
+    assert widget.create_layers() == [] and "image layer" in errors[-1]
+    widget.viewer.add_image(np.zeros((16, 16)), name="im")
+    widget.viewer.add_labels(np.zeros((8, 8), np.uint8), name="small mask")
+    widget.full_mask.setCurrentText("small mask")
+    assert widget.simulate_from_mask() == [] and "has shape (8, 8)" in errors[-1]
