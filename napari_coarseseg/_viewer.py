@@ -15,7 +15,7 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
 from .annotations import AnnotationError
-from .inference import predict
+from .inference import _check_image_for_model, predict
 from .model_io import Model, ModelFileError, load_model
 from .recursive import train_recursive
 from .refineseg import train_refineseg
@@ -235,6 +235,7 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
         image_data = _layer_data(viewer, image_layer, "image", role="image")
         if not isinstance(model, Model):
             model = load_model(model)
+        _check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts
     except (ViewerInputError, ModelFileError, OSError, ValueError) as error:
         show_error(f"Cannot predict: {error}")
         return None

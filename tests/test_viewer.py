@@ -140,3 +140,10 @@ def test_predict_in_viewer_adds_labels_and_instances(drawn_viewer, qtbot, errors
     assert len(np.unique(labels)) == labels.max() + 1
     assert predict_in_viewer(drawn_viewer, str(tmp_path / "missing.safetensors"), "discs") is None
     assert "Cannot predict" in errors[0]
+
+
+def test_a_model_for_other_channels_is_refused_with_a_notification(make_napari_viewer, errors, disc_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((32, 32, 3)), name="colour", rgb=True)
+    assert predict_in_viewer(viewer, disc_model, "colour") is None
+    assert "colour" in errors[0] and "grey" in errors[0], errors
