@@ -214,8 +214,6 @@ def _show_evolution(viewer, image_name: str, planes: list[np.ndarray]):
     """Show planes 0..n as one Labels layer with a leading iteration axis; follow the newest."""
     stack = np.stack(planes)
     layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels")
-    if layer.data is not stack:
-        layer.data = stack
     viewer.dims.set_current_step(0, len(planes) - 1)
     return layer
 
