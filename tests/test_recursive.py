@@ -10,7 +10,7 @@ from napari_coarseseg import load_model, predict, run_to_end, save_model, simula
 from napari_coarseseg.annotations import AnnotationError
 from napari_coarseseg.demo import dice
 from napari_coarseseg.multitask import MultiTaskUNet
-from napari_coarseseg.recursive import RecursiveInputs, train_recursive
+from napari_coarseseg.recursive import RecursiveInputs, final_growth, train_recursive
 
 TINY = dict(steps=20, iterations=4, base_channels=8, depth=2, patch_size=32, batch_size=4, device="cpu")
 
@@ -176,3 +176,19 @@ def test_input_errors(partial_discs, arguments, message):
     images, partial_layer, strong = arguments(image, mask, partial)
     with pytest.raises(AnnotationError, match=message):
         next(train_recursive(images, partial_layer, strong, n_classes=1 if message == "class 3" else None, **TINY))
+
+
+def test_final_growth_keeps_a_sane_foreground_and_gates_a_flooded_one():
+    yy, xx = np.mgrid[:64, :64]
+    distance = np.hypot(yy - 32, xx - 32)
+    region = (distance <= 5).astype(np.int64)  # T2's region
+    nucleus = (distance <= 8).astype(np.int64)  # T1's foreground, 3 px beyond it
+    sane = final_growth(nucleus, region, epsilon=2.0, gate=4)
+    np.testing.assert_array_equal(sane, final_growth(nucleus, region, epsilon=2.0, gate=np.inf))
+    assert (sane > region).any() and np.all(sane >= region) and np.all(sane <= nucleus)
+    # T1 failing: everything is foreground. The result stays within 4 px of T2's region.
+    flooded = final_growth(np.ones((64, 64), np.int64), region, epsilon=2.0, gate=4)
+    assert np.all(flooded >= region) and distance[flooded > 0].max() <= 5 + 4
+    # without the gate, the flood would have been followed
+    ungated = final_growth(np.ones((64, 64), np.int64), region, epsilon=2.0, gate=np.inf)
+    assert (ungated > 0).sum() > 5 * (distance <= 9).sum()
