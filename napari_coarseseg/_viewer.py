@@ -14,7 +14,7 @@ import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from .annotations import AnnotationError
+from .annotations import AnnotationError, _spatial_shape
 from .inference import _check_image_for_model, predict
 from .model_io import Model, ModelFileError, load_model
 from .recursive import train_recursive
@@ -69,8 +69,13 @@ def _names(value) -> list:
     return list(value)
 
 
-def _spatial(image: np.ndarray, rgb: bool) -> tuple:
-    return image.shape[:-1] if rgb else image.shape
+def _image_layer(viewer, image):
+    """The image layer named ``image`` (or ``image`` itself when it is a layer)."""
+    if not isinstance(image, str):
+        return image
+    if image not in viewer.layers:
+        raise ViewerInputError(f"there is no image layer named {image!r}; open an image first.")
+    return viewer.layers[image]
 
 
 def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negative=(), background=(),
@@ -121,12 +126,10 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
     try:
         if method not in METHODS:
             raise ViewerInputError(f"unknown method {method!r}; use one of {METHODS}.")
-        image_layer = viewer.layers[image] if isinstance(image, str) and image in viewer.layers else image
-        if isinstance(image_layer, str):
-            raise ViewerInputError(f"there is no image layer named {image!r}; open an image first.")
+        image_layer = _image_layer(viewer, image)
         image_data = _layer_data(viewer, image_layer, "image", role="image")
         rgb = bool(getattr(image_layer, "rgb", False))
-        shape = _spatial(image_data, rgb)
+        shape = _spatial_shape(image_data, rgb)
         name = image_layer.name
         settings = dict(overrides, steps=steps) if steps is not None else dict(overrides)
         if iterations is not None:
@@ -227,9 +230,7 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
     says why).
     """
     try:
-        image_layer = viewer.layers[image] if isinstance(image, str) and image in viewer.layers else image
-        if isinstance(image_layer, str):
-            raise ViewerInputError(f"there is no image layer named {image!r}; open an image first.")
+        image_layer = _image_layer(viewer, image)
         image_data = _layer_data(viewer, image_layer, "image", role="image")
         if not isinstance(model, Model):
             model = load_model(model)

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._viewer import predict_in_viewer, train_in_viewer
-from .annotations import Role, simulate
+from .annotations import Role, _spatial_shape, simulate
 from .model_io import save_model
 from .training import describe_device, list_presets, load_preset, select_device
 
@@ -393,7 +393,7 @@ class AnnotationsWidget(QWidget):
         return self.viewer.layers[name]
 
     def _add_role_layer(self, image_layer, role: str, data=None):
-        shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
+        shape = _spatial_shape(image_layer.data, image_layer.rgb)
         name = f"{image_layer.name} {role}"
         if data is None and name in self.viewer.layers:
             return self.viewer.layers[name]  # never replace what the user drew
@@ -427,7 +427,7 @@ class AnnotationsWidget(QWidget):
             show_error("Pick the Labels layer that holds a full mask to simulate from.")
             return []
         mask = np.asarray(self.viewer.layers[name].data)
-        shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
+        shape = _spatial_shape(image_layer.data, image_layer.rgb)
         if mask.shape != shape:
             show_error(f"The mask {name!r} has shape {mask.shape} but the image has {shape}; pick a mask of the "
                        "image's shape.")

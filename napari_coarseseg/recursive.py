@@ -432,7 +432,7 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = 256, 
 
     T1 gives the foreground F and T2 the approximation regions; one last
     level-set growth with the card's ``epsilon_predict`` (or ``epsilon``)
-    grows the regions into F. Components of F that hold no region are left
+    grows the regions into F near them (:func:`final_growth`). Components of F that hold no region are left
     out; touching objects stay apart.
 
     Returns
