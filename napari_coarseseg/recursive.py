@@ -7,6 +7,15 @@ steps, each training image's approximation regions grow towards T1's
 predicted foreground by the level-set rule of :mod:`napari_coarseseg.levelset`,
 and the grown regions become T2's next targets. The approximations after every
 iteration are the mask evolution.
+
+One addition to the paper (``certain_pixels``, on in the preset): T1 also
+learns, on the images with partial masks only, the pixels whose class is
+certain: inside a partial region (object) and farther from every region than
+objects reach past their regions on the exactly masked images (background).
+With a single exact tile T1 otherwise sees one tile's background only and can
+call most of an unseen tile foreground; measured on the DSB folds this takes
+the held-out Dice from 0.926 to 0.931 on average and removes that failure
+(``benchmarks/recursive.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import time
 import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import label as connected_components
 
 from .annotations import AnnotationError, is_rgb, validate_drawing, validate_image
 from .data import PatchSampler, augment, normalize, to_planes, to_slices
@@ -171,13 +181,51 @@ class RecursiveInputs:
             return None
         return self.seed_classes[plane][self.seeds[plane]]
 
-    def targets(self) -> list[list[np.ndarray]]:
+    def object_reach(self) -> float | None:
+        """How far objects reach beyond their partial regions, measured where both masks exist.
+
+        The largest distance from a pixel of an exactly masked object that
+        holds a partial region to the nearest partial region (objects without
+        one say nothing); None when no plane carries both masks.
+        """
+        reaches = []
+        for strong, seeds in zip(self.strong, self.seeds):
+            if strong is None or seeds is None:
+                continue
+            objects, _ = connected_components(strong > 0)
+            seeded = np.isin(objects, np.unique(objects[seeds > 0]))
+            seeded &= objects > 0
+            if seeded.any():
+                reaches.append(float(distance_transform_edt(seeds == 0)[seeded].max()))
+        return max(reaches) if reaches else None
+
+    def certain_target(self, plane: int, reach: float, margin: float = 2.0) -> np.ndarray | None:
+        """T1 target on a plane with partial masks only: the pixels whose class is certain.
+
+        Inside a partial region: its class. Farther than ``reach + margin``
+        from every region: background, as long as every object carries a
+        partial region (the method's input contract). Elsewhere -1: the
+        boundaries stay what the exact masks teach.
+        """
+        if self.seeds[plane] is None or self.strong[plane] is not None:
+            return None
+        target = np.full(self.seeds[plane].shape, -1, dtype=np.int64)
+        target[distance_transform_edt(self.seeds[plane] == 0) > reach + margin] = 0
+        inside = self.seeds[plane] > 0
+        target[inside] = self.seed_classes[plane][self.seeds[plane]][inside]
+        return target
+
+    def targets(self, certain_pixels: bool = False) -> list[list[np.ndarray]]:
         """Per task (T1, T2[, T3]) and plane, the int target with -1 where unlabelled."""
         def or_unlabelled(array, plane):
             return np.full(plane.shape[1:], -1, dtype=np.int64) if array is None else array.astype(np.int64)
 
+        reach = self.object_reach() if certain_pixels else None
+        segmentation = list(self.strong)
+        if reach is not None:
+            segmentation = [s if s is not None else self.certain_target(i, reach) for i, s in enumerate(self.strong)]
         tasks = [
-            [or_unlabelled(s, plane) for s, plane in zip(self.strong, self.planes)],
+            [or_unlabelled(s, plane) for s, plane in zip(segmentation, self.planes)],
             [or_unlabelled(self.approximation(i), plane) for i, plane in enumerate(self.planes)],
         ]
         if self.has_separation:
@@ -285,7 +333,7 @@ def train_recursive(
     network = MultiTaskUNet(inputs.channels, n_labels, config.base_channels, config.depth,
                             task_levels=min(config.task_levels, config.depth), separation=inputs.has_separation)
     network = network.to(device)
-    targets = inputs.targets()
+    targets = inputs.targets(config.certain_pixels)
     sampler = PatchSampler(inputs.planes, targets, config.patch_size, config.drawn_fraction, rng)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = config.steps * config.iterations

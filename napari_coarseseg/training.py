@@ -66,6 +66,11 @@ class TrainingConfig:
         final growth at prediction.
     task_weights : dict
         Recursive method: loss weight of each task.
+    certain_pixels : bool
+        Recursive method: T1 also learns the certain pixels of the images
+        that carry only partial masks (object inside the partial regions,
+        background farther from every region than objects reach on the
+        exactly masked images); see ``RecursiveInputs.certain_target``.
     """
 
     steps: int = 300
@@ -87,6 +92,7 @@ class TrainingConfig:
     epsilon_train: float = 0.2
     epsilon_predict: float = 1.0
     task_weights: dict = field(default_factory=lambda: {"strong": 1.0, "partial": 1.0, "separation": 0.5})
+    certain_pixels: bool = False
 
     def replace(self, **changes) -> "TrainingConfig":
         """A copy with some fields changed; ``None`` values are ignored."""

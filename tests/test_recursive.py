@@ -192,3 +192,25 @@ def test_final_growth_keeps_a_sane_foreground_and_gates_a_flooded_one():
     # without the gate, the flood would have been followed
     ungated = final_growth(np.ones((64, 64), np.int64), region, epsilon=2.0, gate=np.inf)
     assert (ungated > 0).sum() > 5 * (distance <= 9).sum()
+
+
+def test_certain_pixels_for_t1_follow_the_reach_measured_on_the_exact_masks():
+    """Disc of radius 8 with a partial disc of radius 4: objects reach 4 px past their partial regions."""
+    yy, xx = np.mgrid[:48, :48]
+    radius = np.hypot(yy - 24, xx - 24)
+    exact = (radius <= 8).astype(np.uint8)
+    partial = (radius <= 4).astype(np.uint8)
+    other_partial = np.zeros_like(partial)
+    other_partial[2:5, 2:5] = 1  # an image with partial masks only, a 3 x 3 region in a corner
+    inputs = RecursiveInputs([exact.astype(np.float32)] * 2, [partial, other_partial], [exact, None])
+    distance_to_partial = np.hypot(yy - 24, xx - 24)[exact > 0].max() - 4  # by hand: 8 - 4, up to the grid
+    assert inputs.object_reach() == pytest.approx(distance_to_partial, abs=0.5)
+    assert inputs.certain_target(0, 4.0) is None  # the exactly masked image keeps its exact mask
+    target = inputs.certain_target(1, 4.0, margin=2.0)
+    assert (target[2:5, 2:5] == 1).all()
+    assert target[3, 7] == -1 and target[3, 10] == -1  # 3 and 6 px away: within reach + margin
+    assert target[3, 11] == 0 and (target[20:, 20:] == 0).all()  # 7 px and more: certain background
+    segmentation_targets = inputs.targets(certain_pixels=True)[0]
+    np.testing.assert_array_equal(segmentation_targets[0], exact)
+    np.testing.assert_array_equal(segmentation_targets[1], inputs.certain_target(1, inputs.object_reach()))
+    assert (inputs.targets()[0][1] == -1).all()  # switched off: T1 sees nothing on partial-only images
