@@ -1,17 +1,18 @@
-"""Make the README's widget screenshots and the mask-evolution strip from a real run.
+"""Make the README's widget screenshots and the mask-evolution strip and animation from a real run.
 
-Opens the bundled sample in napari as a stack of its 16 tiles of 128 x 128,
-docks the three widgets, trains the recursive method with its defaults from
-partial masks of every nucleus and the expert mask of ONE tile (the other
-slices of the exact-mask layer stay empty, so they count as unlabelled),
-pressing Start in the Train widget, and saves:
+Opens the plugin's sample "Nuclei tiles with partial masks" in napari (the
+bundled image as a stack of its 16 tiles of 128 x 128, partial masks of every
+nucleus, the expert mask of ONE tile; the other slices of the exact-mask layer
+stay empty, so they count as unlabelled), docks the three widgets, presses
+Start in the Train widget (which has switched to the recursive method and
+preselected the sample's layers by their roles) with the defaults, and saves:
 
 - ``docs/widget_annotations.png``, ``docs/widget_train.png``,
   ``docs/widget_predict.png``: the docked widgets after the run;
 - ``docs/viewer.png``: the whole napari window with the evolution layer;
 - ``docs/evolution.png``: the approximations at every iteration on a tile
   without exact masks (outlines over the image), iteration 0 being the
-  partial masks.
+  partial masks; ``docs/evolution.gif``: the same as an animation.
 
 Usage (needs a screen or ``xvfb-run -a``; about 2 minutes on 2 CPU cores)::
 
@@ -28,37 +29,56 @@ from pathlib import Path
 import numpy as np
 
 
-TILE = 128
-STRONG_TILE = 2  # the benchmark's strong tile
-SHOWN_TILE = 9
+SHOWN_TILE = 9  # a tile without exact masks
 
 
-def as_tiles(array: np.ndarray) -> np.ndarray:
-    """(512, 512) -> (16, 128, 128), tiles row by row."""
-    n = array.shape[0] // TILE
-    return array.reshape(n, TILE, n, TILE).transpose(0, 2, 1, 3).reshape(n * n, TILE, TILE)
+def overlays(image: np.ndarray, planes: np.ndarray, truth: np.ndarray) -> list[np.ndarray]:
+    """Per iteration, the image (RGB, 0-1) with the approximation (yellow) and expert (cyan) outlines."""
+    from skimage.segmentation import find_boundaries
+
+    view = image.astype(np.float32)
+    low, high = np.percentile(view, (1, 99.8))
+    view = np.clip((view - low) / (high - low), 0, 1)
+    frames = []
+    for plane in planes:
+        rgb = np.repeat(view[..., None], 3, axis=-1)
+        rgb[find_boundaries(truth > 0, mode="inner")] = (0.2, 0.8, 1.0)
+        rgb[find_boundaries(plane > 0, mode="inner")] = (1.0, 0.85, 0.1)
+        frames.append(rgb)
+    return frames
 
 
-def evolution_strip(image: np.ndarray, planes: np.ndarray, truth: np.ndarray, crop, path: Path) -> None:
-    """One panel per iteration: the crop with the approximation (yellow) and expert (cyan) outlines."""
+def evolution_gif(image: np.ndarray, planes: np.ndarray, truth: np.ndarray, path: Path, zoom: int = 3) -> None:
+    """The overlays as an animated GIF, each frame captioned with its iteration and Dice."""
+    from PIL import Image, ImageDraw
+
+    from napari_coarseseg.demo import dice
+
+    frames = []
+    for k, (rgb, plane) in enumerate(zip(overlays(image, planes, truth), planes)):
+        big = np.kron((rgb * 255).astype(np.uint8), np.ones((zoom, zoom, 1), np.uint8))
+        frame = Image.fromarray(big)
+        ImageDraw.Draw(frame).text((6, 4), f"iteration {k}: Dice {dice(plane > 0, truth > 0):.2f}",
+                                   fill=(255, 255, 255))
+        frames.append(frame.convert("P", palette=Image.ADAPTIVE))
+    # Hold the last frame longer so the final masks can be read.
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[900] * (len(frames) - 1) + [2500],
+                   loop=0)
+
+
+def evolution_strip(image: np.ndarray, planes: np.ndarray, truth: np.ndarray, path: Path) -> None:
+    """One panel per iteration: the image with the approximation (yellow) and expert (cyan) outlines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from skimage.segmentation import find_boundaries
 
     from napari_coarseseg.demo import dice
 
-    view = image[crop].astype(np.float32)
-    low, high = np.percentile(view, (1, 99.8))
-    view = np.clip((view - low) / (high - low), 0, 1)
     figure, axes = plt.subplots(1, len(planes), figsize=(2.4 * len(planes), 2.7), dpi=110)
-    for k, (axis, plane) in enumerate(zip(axes, planes)):
-        rgb = np.repeat(view[..., None], 3, axis=-1)
-        rgb[find_boundaries(truth[crop] > 0, mode="inner")] = (0.2, 0.8, 1.0)
-        rgb[find_boundaries(plane[crop] > 0, mode="inner")] = (1.0, 0.85, 0.1)
+    for k, (axis, plane, rgb) in enumerate(zip(axes, planes, overlays(image, planes, truth))):
         axis.imshow(rgb)
-        axis.set_title(f"k={k}: Dice {dice(plane[crop] > 0, truth[crop] > 0):.2f}", fontsize=9)
+        axis.set_title(f"k={k}: Dice {dice(plane > 0, truth > 0):.2f}", fontsize=9)
         axis.axis("off")
     figure.suptitle("Recursive approximation: partial masks (k=0) grow to the nuclei boundaries "
                     "(yellow; expert: cyan)", fontsize=9)
@@ -77,34 +97,20 @@ def main(argv=None) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_coarseseg import simulate
-    from napari_coarseseg._viewer import train_in_viewer
-
     viewer = napari.Viewer(title="napari-coarseseg")
     viewer.window.resize(1400, 900)
-    from napari_coarseseg.samples import load_dsb_nuclei
-
-    full_image, full_expert = load_dsb_nuclei()
-    # Simulated on the whole 2-D image, then tiled: each slice is a separate image.
-    partial = as_tiles(simulate(full_expert, instances=True).partial)
-    image, expert = as_tiles(full_image), as_tiles(full_expert)
-    image_name = "nuclei tiles"
-    viewer.add_image(image, name=image_name, colormap="gray")
-    viewer.add_labels(partial, name="partial masks", opacity=0.6)
-    strong = np.zeros(expert.shape, np.uint8)
-    strong[STRONG_TILE] = expert[STRONG_TILE] > 0  # exact masks on one tile only
-    viewer.add_labels(strong, name="exact masks (one tile)", visible=False)
+    viewer.open_sample("napari-coarseseg", "dsb2018_nuclei_tiles")
+    image_layer = next(layer for layer in viewer.layers if isinstance(layer, napari.layers.Image))
+    image_name, image = image_layer.name, np.asarray(image_layer.data)
+    expert = np.asarray(viewer.layers["expert mask"].data)
 
     docks = {}
     for name in ("Coarse annotations", "Train", "Predict"):
         _, docks[name] = viewer.window.add_plugin_dock_widget("napari-coarseseg", name, tabify=True)
     train = docks["Train"]
-    train.method.setCurrentText("recursive")
-    train.roles["partial"].setCurrentText("partial masks")
-    train.roles["strong"].setCurrentText("exact masks (one tile)")
-    docks["Coarse annotations"].assign_layer.setCurrentText("partial masks")
-    docks["Coarse annotations"].assign_role.setCurrentText("partial")
-    docks["Coarse annotations"].assign()
+    if train.method.currentText() != "recursive" or train.roles["partial"].value() != "partial masks":
+        print("the Train widget did not pick up the sample's roles", file=sys.stderr)
+        return 1
 
     application = QApplication.instance()
     worker = train.start()
@@ -127,12 +133,14 @@ def main(argv=None) -> int:
     viewer.layers["partial masks"].visible = False
     viewer.layers[f"{image_name} prediction"].visible = False
     viewer.dims.set_current_step(1, SHOWN_TILE)
+    train.parentWidget().raise_()  # the window shot shows the Train tab with its result
     application.processEvents()
     viewer.screenshot(str(out / "viewer.png"), canvas_only=False)
 
-    planes = np.asarray(viewer.layers[f"{image_name} evolution"].data)
-    evolution_strip(image, planes, expert, (SHOWN_TILE, slice(None), slice(None)), out / "evolution.png")
-    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.png')))} in {out}")
+    planes = np.asarray(viewer.layers[f"{image_name} evolution"].data)[:, SHOWN_TILE]
+    evolution_strip(image[SHOWN_TILE], planes, expert[SHOWN_TILE], out / "evolution.png")
+    evolution_gif(image[SHOWN_TILE], planes, expert[SHOWN_TILE], out / "evolution.gif")
+    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.png'))) + ', evolution.gif'} in {out}")
     viewer.close()
     return 0
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .annotations import AnnotationError, Role, simulate, validate_drawing, validate_image
 from .inference import Prediction, predict
-from .model_io import Model, ModelFileError, load_model, read_card, save_model
+from .model_io import Model, ModelFileError, list_shipped_models, load_model, read_card, save_model
 from .levelset import grow_regions, label_regions
 from .recursive import train_recursive
 from .refineseg import train_refineseg
@@ -26,6 +26,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingEvent",
     "list_presets",
+    "list_shipped_models",
     "load_model",
     "load_preset",
     "predict",

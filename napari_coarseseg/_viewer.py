@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
@@ -41,6 +42,14 @@ class ViewerInputError(ValueError):
     """A layer named in a call does not exist or does not fit the image."""
 
 
+_LAYER_TYPES = {"image": Image, "labels": Labels}
+
+
+def is_kind(layer, kind: str) -> bool:
+    """Whether a napari layer is an ``"image"`` or a ``"labels"`` layer."""
+    return isinstance(layer, _LAYER_TYPES[kind])
+
+
 def _layer_data(viewer, name, kind: str, image_shape: tuple | None = None, role: str = "") -> np.ndarray:
     """A private copy of a layer's data, checked against the image's shape."""
     layer = name if not isinstance(name, str) else None
@@ -49,8 +58,8 @@ def _layer_data(viewer, name, kind: str, image_shape: tuple | None = None, role:
             raise ViewerInputError(f"there is no layer named {name!r}; pick one of "
                                    f"{[layer.name for layer in viewer.layers]}.")
         layer = viewer.layers[name]
-    if layer._type_string != kind:
-        raise ViewerInputError(f"layer {layer.name!r} is a {layer._type_string} layer; the {role or kind} "
+    if not is_kind(layer, kind):
+        raise ViewerInputError(f"layer {layer.name!r} is a {type(layer).__name__} layer; the {role or kind} "
                                f"must be a {kind} layer.")
     data = np.array(layer.data, copy=True)
     if image_shape is not None and data.shape != image_shape:
@@ -205,7 +214,7 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
 def _replace_layer(viewer, name: str, data, kind: str, **kwargs):
     if name in viewer.layers:
         layer = viewer.layers[name]
-        if layer._type_string == kind and layer.data.ndim == np.ndim(data):
+        if is_kind(layer, kind) and layer.data.ndim == np.ndim(data):
             layer.data = data
             return layer
         viewer.layers.remove(name)

@@ -16,7 +16,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -25,13 +24,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._viewer import predict_in_viewer, train_in_viewer
-from .annotations import Role, _spatial_shape, simulate
-from .model_io import save_model
+from ._viewer import is_kind, predict_in_viewer, train_in_viewer
+from .annotations import ROLE_KEY, Role, _spatial_shape, simulate
+from .model_io import list_shipped_models, save_model
 from .training import describe_device, list_presets, load_preset, select_device
 
 NONE = "(none)"
-ROLE_KEY = "coarseseg_role"  # layer.metadata key: the drawing role a Labels layer is assigned to
 ROLES = tuple(role.value for role in Role)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -57,7 +55,7 @@ class LayerChoice(QComboBox):
         self.refresh()
 
     def names(self) -> list[str]:
-        return [layer.name for layer in self.viewer.layers if layer._type_string == self.kind]
+        return [layer.name for layer in self.viewer.layers if is_kind(layer, self.kind)]
 
     def refresh(self, event=None):
         current = self.currentText()
@@ -68,7 +66,7 @@ class LayerChoice(QComboBox):
             self.setCurrentText(current)
         elif self.role is not None:  # a layer assigned to this role in the Coarse annotations widget
             assigned = [layer.name for layer in self.viewer.layers
-                        if layer._type_string == self.kind and layer.metadata.get(ROLE_KEY) == self.role]
+                        if is_kind(layer, self.kind) and layer.metadata.get(ROLE_KEY) == self.role]
             if assigned:
                 self.setCurrentText(assigned[-1])
         self.blockSignals(False)
@@ -135,7 +133,9 @@ class TrainWidget(QWidget):
         self.device.currentTextChanged.connect(lambda choice: self.device_found.setText(describe_device_choice(choice)))
         self.start_button.clicked.connect(self._start_or_cancel)
         self.save_button.clicked.connect(self._save)
+        napari_viewer.layers.events.inserted.connect(self._follow_roles)
         self._method_changed(self.method.currentText())
+        self._follow_roles()
 
     # ------------------------------------------------------------------ form
 
@@ -150,6 +150,21 @@ class TrainWidget(QWidget):
         self.preset.addItems([name for name in list_presets() if name.startswith(method)])
         self.preset.blockSignals(False)
         self._preset_changed(self.preset.currentText())
+
+    def _follow_roles(self, event=None):
+        """Switch to the method whose roles the viewer's layers carry, if the current method has none.
+
+        Opening the recursive sample (partial and strong layers) thus selects
+        "recursive" without the user having to know which roles go with which method.
+        """
+        assigned = {layer.metadata.get(ROLE_KEY) for layer in self.viewer.layers}
+        current = self.method.currentText()
+        if self.running or assigned & set(self.ROLES[current]):
+            return
+        for method, roles in self.ROLES.items():
+            if assigned & set(roles):
+                self.method.setCurrentText(method)
+                return
 
     def _preset_changed(self, name: str):
         if not name:
@@ -250,14 +265,17 @@ class TrainWidget(QWidget):
 
 
 class PredictWidget(QWidget):
-    """A model file, an image layer (2D, stack or RGB), optional instances; adds "<image> prediction"."""
+    """A model (file or shipped), an image layer (2D, stack or RGB), optional instances; adds "<image> prediction"."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.worker = None
-        self.model_path = QLineEdit()
-        self.model_path.setPlaceholderText("model.safetensors")
+        # Editable: the models shipped in models/ are listed, Browse... or typing gives a file.
+        self.model_path = QComboBox()
+        self.model_path.setEditable(True)
+        self.model_path.addItems(list_shipped_models())
+        self.model_path.lineEdit().setPlaceholderText("model.safetensors")
         browse = QPushButton("Browse...")
         browse.clicked.connect(self._browse)
         self.image = LayerChoice(napari_viewer, "image")
@@ -283,15 +301,15 @@ class PredictWidget(QWidget):
     def _browse(self):
         path, _ = QFileDialog.getOpenFileName(self, "Open model", "", "Models (*.safetensors)")
         if path:
-            self.model_path.setText(path)
+            self.model_path.setEditText(path)
 
     def predict(self):
         """Run the prediction (what the Predict button does); return the worker."""
-        path = self.model_path.text().strip()
+        path = self.model_path.currentText().strip()
         if not path:
-            show_error("Choose a model file first (Browse...).")
+            show_error("Choose a model first: a shipped one from the list, or a file (Browse...).")
             return None
-        if not Path(path).is_file():
+        if not Path(path).is_file() and path not in list_shipped_models():
             show_error(f"Model file {path} does not exist; choose another one.")
             return None
         self.worker = predict_in_viewer(self.viewer, path, self.image.value() or "",
@@ -447,7 +465,7 @@ class AnnotationsWidget(QWidget):
         self._recount.start()
 
     def _watch_layer(self, layer):
-        if layer._type_string == "labels":
+        if is_kind(layer, "labels"):
             layer.events.data.connect(lambda event: self._recount.start())
             if hasattr(layer.events, "paint"):
                 layer.events.paint.connect(lambda event: self._recount.start())
@@ -457,7 +475,7 @@ class AnnotationsWidget(QWidget):
         names = self.class_names()
         lines = []
         for layer in self.viewer.layers:
-            role = layer.metadata.get(ROLE_KEY) if layer._type_string == "labels" else None
+            role = layer.metadata.get(ROLE_KEY) if is_kind(layer, "labels") else None
             if role is None:
                 continue
             data = np.asarray(layer.data)

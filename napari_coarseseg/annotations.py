@@ -41,6 +41,10 @@ __all__ = [
 UNANNOTATED = -1
 
 
+# The layer.metadata key under which napari layers carry their Role (set by the widgets and the samples).
+ROLE_KEY = "coarseseg_role"
+
+
 class Role(str, Enum):
     """What a drawing layer says about the pixels it marks."""
 

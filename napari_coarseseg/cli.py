@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pred = sub.add_parser("predict", help="segment images with a trained model")
-    pred.add_argument("model", help="model file written by 'coarseseg train'")
+    pred.add_argument("model", help="model file written by 'coarseseg train', or the name of a model shipped "
+                      "in models/ (e.g. dsb2018-nuclei-refineseg)")
     pred.add_argument("image", help="image TIFF or folder of TIFFs")
     pred.add_argument("--out", required=True, help="output TIFF (or folder, for a folder of images)")
     pred.add_argument("--probabilities", metavar="PROB.tif",

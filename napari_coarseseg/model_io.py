@@ -21,7 +21,8 @@ from torch import nn
 
 from .networks import TransitionHead, UNet
 
-__all__ = ["Model", "ModelFileError", "save_model", "load_model", "read_card", "atomic_write", "FORMAT_VERSION"]
+__all__ = ["Model", "ModelFileError", "save_model", "load_model", "read_card", "atomic_write", "list_shipped_models",
+           "FORMAT_VERSION"]
 
 FORMAT_NAME = "napari-coarseseg-model"
 FORMAT_VERSION = 1
@@ -160,11 +161,17 @@ def atomic_write(path, write) -> Path:
     return path
 
 
-def save_model(model: Model, path) -> Path:
-    """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically."""
+def save_model(model: Model, path, half: bool = False) -> Path:
+    """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically.
+
+    With ``half``, floating-point tensors are stored as float16: half the
+    size (the shipped checkpoints); loading casts them back to float32.
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     metadata = {"coarseseg_card": json.dumps(model.card)}
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
@@ -189,13 +196,31 @@ def _validate_card(card, path) -> dict:
     return card
 
 
+def list_shipped_models() -> list[str]:
+    """Names of the trained models shipped in ``models/`` (accepted wherever a model path is)."""
+    from .training import _presets_dir
+
+    return sorted(p.stem for p in _presets_dir().glob("*.safetensors"))
+
+
+def _model_path(path) -> Path:
+    """``path`` itself, or the shipped model of that name; a clear error when neither exists."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if str(path) in list_shipped_models():
+        from .training import _presets_dir
+
+        return _presets_dir() / f"{path}.safetensors"
+    shipped = ", ".join(list_shipped_models()) or "none"
+    raise ModelFileError(f"model file {str(path)!r} does not exist (models shipped with napari-coarseseg: {shipped})")
+
+
 def read_card(path) -> dict:
-    """Read and validate the card of a model file without loading weights."""
+    """Read and validate the card of a model file (or shipped model name) without loading weights."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {str(path)!r} does not exist")
+    path = _model_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -211,6 +236,9 @@ def read_card(path) -> dict:
 def load_model(path, device="cpu") -> Model:
     """Load a model file: parse the card, build the network, load raw tensors.
 
+    ``path`` is a ``.safetensors`` file or the name of a model shipped in
+    ``models/`` (:func:`list_shipped_models`), e.g. ``"dsb2018-nuclei-refineseg"``.
+
     Raises
     ------
     ModelFileError
@@ -219,6 +247,7 @@ def load_model(path, device="cpu") -> Model:
     """
     from safetensors.torch import load_file
 
+    path = _model_path(path)
     card = read_card(path)
     network, heads = build_network(card)
     state = load_file(str(path), device="cpu")

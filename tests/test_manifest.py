@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 import napari_coarseseg
+from napari_coarseseg.annotations import ROLE_KEY
 from napari_coarseseg.samples import DSB_NUCLEI, sample_data_dir
 
 npe2 = pytest.importorskip("npe2")
@@ -82,6 +83,34 @@ def test_sample_layers_are_image_positive_negative_expert(sample_layers):
     assert not (negative.astype(bool) & (expert > 0)).any()
     # Every name is distinct: napari would otherwise rename layers.
     assert len({meta["name"] for _, meta, _ in sample_layers}) == 4
+    # The drawings carry their roles, so the Train widget preselects them.
+    assert [meta.get("metadata", {}).get(ROLE_KEY) for _, meta, _ in sample_layers] == [
+        None, "positive", "negative", None]
+
+
+def test_tiles_sample_has_partial_masks_everywhere_and_exact_masks_on_one_tile(manifest):
+    by_key = {s.key: s for s in manifest.contributions.sample_data}
+    commands = {c.id: c for c in manifest.contributions.commands}
+    layers = resolve(commands[by_key["dsb2018_nuclei_tiles"].command].python_name)()
+    assert [kind for _, _, kind in layers] == ["image", "labels", "labels", "labels"]
+    (image, _, _), (partial, partial_meta, _), (strong, strong_meta, _), (expert, _, _) = layers
+    assert image.shape == partial.shape == strong.shape == expert.shape == (16, 128, 128)
+    full_image, full_expert = napari_coarseseg.samples.load_dsb_nuclei()
+    np.testing.assert_array_equal(image[5], full_image[128:256, 128:256])  # row 1, column 1
+    np.testing.assert_array_equal(expert[5], full_expert[128:256, 128:256])
+    assert partial_meta["metadata"][ROLE_KEY] == "partial" and strong_meta["metadata"][ROLE_KEY] == "strong"
+    labelled = [i for i in range(16) if strong[i].any()]
+    assert labelled == [napari_coarseseg.samples.STRONG_TILE]
+    np.testing.assert_array_equal(strong[labelled[0]], expert[labelled[0]] > 0)
+    # Partial masks: inside the nuclei, on every tile that has nuclei, well under the full area.
+    assert not (partial.astype(bool) & (expert == 0)).any()
+    assert all(partial[i].any() for i in range(16) if expert[i].any())
+    assert 0.2 < (partial > 0).sum() / (expert > 0).sum() < 0.7
+
+
+def test_as_tiles_rejects_a_ragged_shape():
+    with pytest.raises(ValueError, match="not a whole number of 128 x 128 tiles"):
+        napari_coarseseg.samples.as_tiles(np.zeros((300, 256)))
 
 
 def test_sample_layers_are_accepted_by_napari(sample_layers):

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from napari_coarseseg import ModelFileError, load_model, predict, read_card, save_model
+from napari_coarseseg import ModelFileError, list_shipped_models, load_model, predict, read_card, save_model
 from napari_coarseseg.model_io import FORMAT_VERSION, Model
 
 
@@ -55,6 +55,43 @@ def test_save_load_gives_identical_predictions(saved, tiny_model, discs):
         np.testing.assert_array_equal(a.probabilities, b.probabilities)
         np.testing.assert_array_equal(a.reliability, b.reliability)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_half_precision_file_is_half_the_size_and_predicts_the_same(saved, tiny_model, discs, tmp_path):
+    image, _ = discs
+    half = save_model(tiny_model, tmp_path / "half.safetensors", half=True)
+    weights = sum(v.numel() for v in tiny_model.state_dict().values() if v.is_floating_point())
+    # 2 bytes less per floating-point value, the header (card) unchanged.
+    assert saved.stat().st_size - half.stat().st_size == pytest.approx(2 * weights, abs=64)
+    loaded = load_model(half)
+    assert all(v.dtype != torch.float16 for v in loaded.state_dict().values())
+    a, b = predict(tiny_model, image, device="cpu"), predict(loaded, image, device="cpu")
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-2
+    assert (a.labels != b.labels).mean() < 0.001
+
+
+# --------------------------------------------------------------------------- shipped models
+
+
+def test_shipped_models_load_by_name_and_segment_the_sample(dsb_crop):
+    """The checkpoints in models/ (models/make_checkpoints.py) load by name and find the crop's nuclei.
+
+    The crop is part of the image they were trained on: this guards the shipped files, not generalisation.
+    """
+    from napari_coarseseg.demo import dice
+
+    assert list_shipped_models() == ["dsb2018-nuclei-recursive", "dsb2018-nuclei-refineseg"]
+    image, labels = dsb_crop
+    for name in list_shipped_models():
+        card = read_card(name)
+        assert card["method"] == name.rsplit("-", 1)[1] and card["n_classes"] == 1
+        model = load_model(name)
+        assert dice(predict(model, image, device="cpu").labels > 0, labels > 0) > 0.85, name
+
+
+def test_a_missing_model_names_the_shipped_ones(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist .*shipped with napari-coarseseg: dsb2018-nuclei"):
+        load_model("dsb2018-nuclei-unet")
 
 
 def test_read_card_without_weights(saved, tiny_model):

@@ -87,13 +87,13 @@ def test_predict_widget_adds_a_labels_layer(viewer, qtbot, errors, disc_model, t
     path = tmp_path / "discs.safetensors"
     save_model(disc_model, path)
     widget = PredictWidget(viewer)
-    widget.model_path.setText(str(path))
+    widget.model_path.setEditText(str(path))
     widget.device.setCurrentText("cpu")
     widget.predict_button.click()
     qtbot.waitUntil(lambda: "discs prediction" in viewer.layers, timeout=60_000)
     assert viewer.layers["discs prediction"].data.shape == viewer.layers["discs"].data.shape
     qtbot.waitUntil(widget.predict_button.isEnabled, timeout=10_000)
-    widget.model_path.setText(str(tmp_path / "missing.safetensors"))
+    widget.model_path.setEditText(str(tmp_path / "missing.safetensors"))
     widget.predict_button.click()
     assert "does not exist" in errors[-1]
 
@@ -155,3 +155,71 @@ def test_annotations_widget_errors_notify(make_napari_viewer, errors):
     widget.viewer.add_labels(np.zeros((8, 8), np.uint8), name="small mask")
     widget.full_mask.setCurrentText("small mask")
     assert widget.simulate_from_mask() == [] and "has shape (8, 8)" in errors[-1]
+
+
+def test_train_widget_follows_the_roles_of_the_recursive_sample(make_napari_viewer):
+    """Opening the tiles sample selects the recursive method and its layers: Train can start at once."""
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer)
+    assert widget.method.currentText() == "refineseg"
+    viewer.open_sample(PLUGIN, "dsb2018_nuclei_tiles")
+    assert widget.method.currentText() == "recursive"
+    assert widget.image.value() == "nuclei tiles (DSB 2018)"
+    assert widget.roles["partial"].value() == "partial masks"
+    assert widget.roles["strong"].value().startswith("exact masks")
+    viewer.open_sample(PLUGIN, "dsb2018_nuclei")  # a layer of the current method's roles exists: no switch
+    assert widget.method.currentText() == "recursive"
+
+
+def test_predict_widget_offers_the_shipped_models(viewer):
+    from napari_coarseseg import list_shipped_models
+
+    widget = PredictWidget(viewer)
+    offered = [widget.model_path.itemText(i) for i in range(widget.model_path.count())]
+    assert offered == list_shipped_models() and offered
+
+
+def test_open_sample_train_watch_growth_cancel_predict_save(make_napari_viewer, qtbot, errors, tmp_path):
+    """The user story of the plugin on the real tiles sample, with a short schedule.
+
+    Open the sample, press Start: the partial masks of the evolution layer grow iteration by iteration;
+    a second run is cancelled; the trained model is saved and applied by Predict to an unseen image.
+    """
+    from napari_coarseseg.samples import load_dsb_nuclei
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "dsb2018_nuclei_tiles")
+    before = {layer.name: np.array(layer.data, copy=True) for layer in viewer.layers}
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    train.steps.setValue(6)
+    train.iterations.setValue(3)
+    train.device.setCurrentText("cpu")
+    train.start_button.click()
+    qtbot.waitUntil(lambda: not train.running, timeout=180_000)
+    assert errors == []
+    evolution = np.asarray(viewer.layers["nuclei tiles (DSB 2018) evolution"].data)
+    assert evolution.shape == (4, 16, 128, 128)
+    area = (evolution > 0).sum(axis=(1, 2, 3))
+    assert (np.diff(area) >= 0).all() and area[-1] > 1.2 * area[0], area  # the masks grow
+    for name, data in before.items():  # nothing the user had was written
+        np.testing.assert_array_equal(viewer.layers[name].data, data)
+    assert train.save_button.isEnabled()
+    train.save_model(tmp_path / "nuclei.safetensors")
+
+    train.steps.setValue(500)
+    train.start_button.click()
+    qtbot.waitUntil(lambda: "step" in train.status.text(), timeout=60_000)
+    train.start_button.click()  # Cancel
+    qtbot.waitUntil(lambda: not train.running, timeout=30_000)
+    assert "cancelled" in train.status.text() and not train.save_button.isEnabled()
+
+    image, _ = load_dsb_nuclei()
+    viewer.add_image(image[::-1, ::-1].copy(), name="new image")  # a flipped copy: pixels it never saw in place
+    _, predict_widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Predict")
+    predict_widget.model_path.setEditText(str(tmp_path / "nuclei.safetensors"))
+    predict_widget.image.setCurrentText("new image")
+    predict_widget.device.setCurrentText("cpu")
+    predict_widget.predict_button.click()
+    qtbot.waitUntil(lambda: "new image prediction" in viewer.layers, timeout=60_000)
+    assert viewer.layers["new image prediction"].data.shape == (512, 512)
+    assert errors == []
