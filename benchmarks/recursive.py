@@ -203,11 +203,23 @@ def main(argv=None) -> int:
     def mean_dice(per_quadrant, quadrant):
         return float(np.mean([d for d, _ in per_quadrant[quadrant]]))
 
+    def cell(per_quadrant, quadrant):
+        values = [d for d, _ in per_quadrant[quadrant]]
+        spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
+        return f"{np.mean(values):.3f}{spread}"
+
     for name, per_quadrant in results.items():
         cells = [mean_dice(per_quadrant, q) for q in quadrants]
         seconds = np.mean([s for q in quadrants for _, s in per_quadrant[q]])
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells)
+        lines.append(f"| {name} | " + " | ".join(cell(per_quadrant, q) for q in quadrants)
                      + f" | {np.mean(cells):.3f} | {seconds:.0f} |")
+    if len(seeds) > 1:
+        lines.append(f"\nCells: mean over seeds {seeds} (lowest-highest).")
+    baselines = [name for name in results if name != "recursive" and not name.startswith("reference")]
+    margins = [mean_dice(results["recursive"], q) - max(mean_dice(results[b], q) for b in baselines)
+               for q in quadrants]
+    lines.append("\nRecursive minus the best baseline, per quadrant: "
+                 + ", ".join(f"{m:+.3f}" for m in margins) + ".")
     text = header + "\n\n" + "\n".join(lines) + "\n"
     (out / "recursive.md").write_text(text)
     (out / "recursive.json").write_text(json.dumps(

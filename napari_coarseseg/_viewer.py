@@ -197,6 +197,9 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
                   f"{model.card['training']['device']}.")
 
     def on_errored(error):
+        # Inputs refused before the first step: take the empty placeholder layer away again.
+        if not evolution and evolution_layer_name(name) in viewer.layers:
+            viewer.layers.remove(evolution_layer_name(name))
         show_error(f"Training failed: {error}")
 
     # Adding a layer with a new (iteration) axis costs a few hundred ms of GUI

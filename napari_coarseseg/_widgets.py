@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import napari
@@ -26,12 +27,23 @@ from qtpy.QtWidgets import (
 
 from ._viewer import is_kind, predict_in_viewer, train_in_viewer
 from .annotations import ROLE_KEY, Role, _spatial_shape, simulate
+from .checkpoint import checkpoint_step
 from .model_io import list_shipped_models, save_model
 from .training import describe_device, list_presets, load_preset, select_device
 
 NONE = "(none)"
 ROLES = tuple(role.value for role in Role)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def checkpoint_folder() -> Path:
+    """The folder of the Train widget's checkpoints: the user's cache folder (kept across restarts).
+
+    The environment variable ``NAPARI_COARSESEG_CACHE`` moves it (tests use it).
+    """
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("NAPARI_COARSESEG_CACHE") or user_cache_dir("napari-coarseseg")) / "checkpoints"
 
 
 def describe_device_choice(choice: str) -> str:
@@ -103,6 +115,9 @@ class TrainWidget(QWidget):
         self.device.addItems(DEVICES)
         self.device_found = QLabel(describe_device_choice("auto"))
         self.start_button = QPushButton("Start training")
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue the last run on this image and method from its checkpoint "
+                                      "(written every few steps), e.g. after napari or the computer stopped.")
         self.save_button = QPushButton("Save model...")
         self.save_button.setEnabled(False)
         self.status = QLabel("")
@@ -123,7 +138,10 @@ class TrainWidget(QWidget):
         form.addRow("", self.device_found)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(self.start_button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.resume_button)
+        layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.save_button)
         layout.addStretch()
@@ -132,6 +150,8 @@ class TrainWidget(QWidget):
         self.preset.currentTextChanged.connect(self._preset_changed)
         self.device.currentTextChanged.connect(lambda choice: self.device_found.setText(describe_device_choice(choice)))
         self.start_button.clicked.connect(self._start_or_cancel)
+        self.resume_button.clicked.connect(lambda: self.start(resume=True))
+        self.image.currentTextChanged.connect(self._update_resume)
         self.save_button.clicked.connect(self._save)
         napari_viewer.layers.events.inserted.connect(self._follow_roles)
         self._method_changed(self.method.currentText())
@@ -150,6 +170,21 @@ class TrainWidget(QWidget):
         self.preset.addItems([name for name in list_presets() if name.startswith(method)])
         self.preset.blockSignals(False)
         self._preset_changed(self.preset.currentText())
+        self._update_resume()
+
+    def checkpoint_file(self) -> Path | None:
+        """Where runs on the chosen image with the chosen method keep their checkpoint (a user cache folder)."""
+        image = self.image.value()
+        if not image:
+            return None
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in image)
+        return checkpoint_folder() / f"{safe}.{self.method.currentText()}.checkpoint"
+
+    def _update_resume(self, *_):
+        path = self.checkpoint_file()
+        step = None if path is None else checkpoint_step(path)
+        self.resume_button.setEnabled(step is not None and not self.running)
+        self.resume_button.setText("Resume" if step is None else f"Resume from step {step}")
 
     def _follow_roles(self, event=None):
         """Switch to the method whose roles the viewer's layers carry, if the current method has none.
@@ -185,9 +220,16 @@ class TrainWidget(QWidget):
         else:
             self.start()
 
-    def start(self):
-        """Start training with the form's settings (what the Start button does); return the worker."""
+    def start(self, resume: bool = False):
+        """Start training with the form's settings (what the Start button does); return the worker.
+
+        Every run writes a checkpoint (:meth:`checkpoint_file`); ``resume``
+        continues from it (what the Resume button does).
+        """
         method = self.method.currentText()
+        checkpoint = self.checkpoint_file()
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
         roles = {role: self.roles[role].value() for role in self.ROLES[method]}
         if method == "refineseg":
             layers = {role: [name] if name else [] for role, name in roles.items()}
@@ -198,7 +240,7 @@ class TrainWidget(QWidget):
             self.viewer, self.image.value() or "", method=method, **layers, steps=self.steps.value(),
             iterations=self.iterations.value() if method == "recursive" else None,
             preset=self.preset.currentText() or None, device=self.device.currentText(), start=False,
-            on_event=self._on_event,
+            on_event=self._on_event, checkpoint=checkpoint, resume=resume,
         )
         if worker is None:
             return None
@@ -209,6 +251,7 @@ class TrainWidget(QWidget):
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
         self.start_button.setText("Cancel")
+        self.resume_button.setEnabled(False)
         self.save_button.setEnabled(False)
         self.status.setText("starting...")
         worker.start()
@@ -240,6 +283,7 @@ class TrainWidget(QWidget):
             self._progress = None
         self.worker = None
         self.start_button.setText("Start training")
+        self._update_resume()
         if self._cancelled:
             self.status.setText("cancelled; the evolution so far is kept.")
         elif self.model is not None:

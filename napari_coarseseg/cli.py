@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     train.add_argument("--evolution", metavar="EVO.tif",
                        help="write the masks on the training image at each checkpoint, iteration 0 first")
+    train.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="write MODEL.checkpoint every N steps (default from the preset: 50); a killed run "
+                            "loses at most N steps; the file is removed once the model is written")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from MODEL.checkpoint (same inputs and options); "
+                            "--evolution then holds the planes from the resumed part on")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pred = sub.add_parser("predict", help="segment images with a trained model")
@@ -185,9 +191,16 @@ def _check_roles(method: str, layers: dict) -> None:
         raise InputError("--method recursive needs --partial PM.tif (and --strong S.tif on a few images)")
 
 
+def checkpoint_path(model_path) -> Path:
+    """Where ``coarseseg train --out MODEL`` keeps its checkpoint: ``MODEL.checkpoint``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".checkpoint")
+
+
 def _start_training(args, config, images, layers, names):
     """The training generator of the chosen method."""
-    common = dict(config=config, n_classes=args.classes, seed=args.seed, device=args.device, names=names)
+    common = dict(config=config, n_classes=args.classes, seed=args.seed, device=args.device, names=names,
+                  checkpoint=checkpoint_path(args.out), resume=args.resume)
     if args.method == "recursive":
         from .recursive import train_recursive
 
@@ -207,7 +220,9 @@ def cmd_train(args) -> int:
     out = _output_path(args.out, ".safetensors")
     evolution_path = _output_path(args.evolution) if args.evolution else None
     config = load_preset(args.preset or args.method)
-    config = config.replace(steps=args.steps, iterations=args.iterations)
+    config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every)
+    if args.resume and not checkpoint_path(out).is_file():
+        raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
     image_files, images, layers = _load_training_set(args)
     _check_roles(args.method, layers)
     if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
@@ -236,6 +251,7 @@ def cmd_train(args) -> int:
     if outputs:
         write_all(outputs)
     save_model(model, out)
+    checkpoint_path(out).unlink(missing_ok=True)  # the run is complete
     summary = model.card["training"]
     done = (f"{summary['iterations']} iterations of {summary['steps_per_iteration']} steps"
             if args.method == "recursive" else f"{summary['steps']} steps")
@@ -298,7 +314,11 @@ def main(argv=None) -> int:
         print(f"coarseseg {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"coarseseg {args.command}: interrupted; nothing was written", file=sys.stderr)
+        if args.command == "train" and checkpoint_path(args.out).is_file():
+            print(f"coarseseg train: interrupted; no model was written. Continue with the same command and "
+                  f"--resume (checkpoint {checkpoint_path(args.out)})", file=sys.stderr)
+        else:
+            print(f"coarseseg {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
     except MemoryError:
         print(f"coarseseg {args.command}: error: out of memory; use smaller images or --device cpu",

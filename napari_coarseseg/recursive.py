@@ -28,6 +28,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
 
 from .annotations import AnnotationError, is_rgb, validate_drawing, validate_image
+from .checkpoint import RunCheckpoint
 from .data import PatchSampler, augment, normalize, to_planes, to_slices
 from .inference import Prediction, _assemble, _check_image_for_model, predict_planes
 from .levelset import grow_regions, label_regions
@@ -276,6 +277,8 @@ def train_recursive(
     device: str = "auto",
     rgb: bool | None = None,
     names=None,
+    checkpoint=None,
+    resume: bool = False,
     **overrides,
 ):
     """Train the multi-task network of the recursive method; a generator of progress events.
@@ -307,6 +310,12 @@ def train_recursive(
         Whether the last axis holds colour channels (guessed when omitted).
     names : list of str, optional
         Image names used in messages.
+    checkpoint : str or Path, optional
+        A checkpoint file written atomically every ``checkpoint_every`` steps
+        and after every iteration's growth (:mod:`napari_coarseseg.checkpoint`).
+    resume : bool
+        Continue from ``checkpoint`` (same inputs, settings and seed), with
+        the approximations it had reached.
     **overrides
         Any :class:`TrainingConfig` field, e.g. ``iterations=5``.
 
@@ -358,18 +367,41 @@ def train_recursive(
             for i in range(len(inputs.planes))
         ])
 
-    start = time.perf_counter()
+    seeded = [i for i, seeds in enumerate(inputs.seeds) if seeds is not None]
+    run = RunCheckpoint(checkpoint, config.checkpoint_every, "recursive", config, seed,
+                        [*inputs.planes, *(t for task in targets for t in task)],
+                        modules={"network": network}, optimizer=optimizer, schedule=schedule,
+                        rng=rng, torch_rng=torch_rng)
+
+    def save_checkpoint_at(step: int, force: bool = False):
+        run.maybe_save(step, {"history": history}, {f"approximation.{i}": inputs.seeds[i] for i in seeded},
+                       force=force)
+
     losses, step = {}, 0
     history = []
+    if resume:
+        restored = run.resume()
+        step, history = run.step, list(restored["state"]["history"])
+        for i in seeded:  # the approximations reached, T2's targets
+            inputs.seeds[i] = restored["arrays"][f"approximation.{i}"].astype(inputs.seeds[i].dtype)
+            sampler.replace_target(1, i, inputs.approximation(i))
+    # A checkpoint at the end of an iteration is written after its growth.
+    first_iteration, steps_done = divmod(step, config.steps)
+    start = time.perf_counter()
     try:
-        initial = [inputs.approximation(i) if inputs.seeds[i] is not None else np.zeros(p.shape[1:], np.int64)
-                   for i, p in enumerate(inputs.planes)]
-        yield TrainingEvent(0, total_steps, {}, 0.0, iteration=0,
-                            masks=inputs.masks_per_image([m.astype(_label_dtype(inputs.n_classes)) for m in initial]),
-                            message=f"training on {describe_device(device)}")
-        for iteration in range(1, config.iterations + 1):
+        if step == 0:
+            initial = [inputs.approximation(i) if inputs.seeds[i] is not None else np.zeros(p.shape[1:], np.int64)
+                       for i, p in enumerate(inputs.planes)]
+            yield TrainingEvent(0, total_steps, {}, 0.0, iteration=0,
+                                masks=inputs.masks_per_image([m.astype(_label_dtype(inputs.n_classes))
+                                                              for m in initial]),
+                                message=f"training on {describe_device(device)}")
+        else:
+            yield TrainingEvent(step, total_steps, {}, 0.0, iteration=first_iteration,
+                                message=f"resumed at step {step}/{total_steps}")
+        for iteration in range(first_iteration + 1, config.iterations + 1):
             network.train()
-            for _ in range(config.steps):
+            for _ in range(config.steps - steps_done):
                 step += 1
                 parts = [sampler.batch(config.batch_size - n_strong)]
                 if n_strong:
@@ -393,6 +425,7 @@ def train_recursive(
                         f"training diverged at step {step} (loss {losses['total']}); lower the learning rate"
                     )
                 if step < iteration * config.steps:
+                    save_checkpoint_at(step)
                     yield TrainingEvent(step, total_steps, losses, time.perf_counter() - start,
                                         iteration=iteration - 1,
                                         message=f"iteration {iteration}/{config.iterations}, step {step}/{total_steps}")
@@ -407,6 +440,8 @@ def train_recursive(
                 inputs.seeds[i] = grown
                 sampler.replace_target(1, i, inputs.approximation(i))
             history.append(changed)
+            steps_done = 0
+            save_checkpoint_at(step, force=True)
             yield TrainingEvent(step, total_steps, losses, time.perf_counter() - start, iteration=iteration,
                                 masks=current_masks(foreground),
                                 message=f"iteration {iteration}/{config.iterations}: {changed} pixels added")

@@ -23,6 +23,7 @@ from .annotations import (
     validate_drawing,
     validate_image,
 )
+from .checkpoint import RunCheckpoint
 from .data import PatchSampler, augment, normalize, to_planes, to_slices
 from .inference import adjust_to_prior, estimate_class_prior, predict_planes
 from .losses import refineseg_loss
@@ -134,6 +135,14 @@ class TrainingInputs:
             )
         if not any(d.any() for st in validated["positive"] for d in st) and not validated["background"]:
             raise AnnotationError("the positive drawings are empty: paint inside some objects.")
+        positive_classes = np.unique(np.concatenate([np.unique(d) for st in validated["positive"] for d in st]))
+        positive_classes = positive_classes[positive_classes > 0]
+        if len(positive_classes) == 1 and not validated["negative"] and not validated["background"]:
+            k = int(positive_classes[0])
+            raise AnnotationError(
+                f"only class {k} is drawn: nothing tells the network what is not class {k}, so it would call "
+                f"everything class {k}. Add a negative drawing ('not class {k}') or background marks."
+            )
 
         self.planes, self.plane_of_image, self.image_shapes = [], [], []
         for im in images:
@@ -213,6 +222,8 @@ def train_refineseg(
     device="auto",
     rgb: bool | None = None,
     names=None,
+    checkpoint=None,
+    resume: bool = False,
     **overrides,
 ):
     """Train a network from coarse drawings; a generator of :class:`TrainingEvent`.
@@ -241,6 +252,12 @@ def train_refineseg(
         Whether the last axis holds colour channels (guessed when omitted).
     names : list of str, optional
         Image names used in messages.
+    checkpoint : str or Path, optional
+        A checkpoint file written atomically every ``checkpoint_every`` steps
+        (:mod:`napari_coarseseg.checkpoint`).
+    resume : bool
+        Continue from ``checkpoint`` (same inputs, settings and seed);
+        the run then matches an uninterrupted one.
     **overrides
         Any :class:`TrainingConfig` field, e.g. ``steps=200``.
 
@@ -248,7 +265,8 @@ def train_refineseg(
     ------
     TrainingEvent
         After every step; every ``evolution_every`` steps and at the end the
-        event carries the current masks on the training images.
+        event carries the current masks on the training images. A resumed
+        run starts with an event at the step it resumes from.
 
     Returns
     -------
@@ -297,15 +315,28 @@ def train_refineseg(
             [adjust_to_prior(p, estimated_prior, training_prior).argmax(0).astype(np.uint8) for p in probabilities]
         )
 
+    run = RunCheckpoint(checkpoint, config.checkpoint_every, "refineseg", config, seed,
+                        [*inputs.planes, *(t for strategy in inputs.positive_targets + inputs.negative_targets
+                                           for t in strategy)],
+                        modules={"network": network, "heads": heads}, optimizer=optimizer, schedule=schedule,
+                        rng=rng, torch_rng=torch_rng)
+    first_step, plane = 1, 0
+    if resume:
+        restored = run.resume()
+        first_step, plane = run.step + 1, restored["state"].get("plane", 0)
+
     start = time.perf_counter()
     losses = {}
-    checkpoint = 0
     try:
-        yield TrainingEvent(0, config.steps, {}, 0.0, iteration=0, masks=inputs.drawn_masks(),
-                            message=f"training on {describe_device(device)}")
+        if first_step == 1:
+            yield TrainingEvent(0, config.steps, {}, 0.0, iteration=0, masks=inputs.drawn_masks(),
+                                message=f"training on {describe_device(device)}")
+        else:
+            yield TrainingEvent(run.step, config.steps, {}, 0.0, iteration=plane,
+                                message=f"resumed at step {run.step}/{config.steps}")
         network.train()
         heads.train()
-        for step in range(1, config.steps + 1):
+        for step in range(first_step, config.steps + 1):
             batch_images, batch_targets = sampler.batch(config.batch_size)
             batch_images, batch_targets = augment(
                 torch.from_numpy(batch_images), torch.from_numpy(batch_targets), torch_rng, config.jitter
@@ -339,10 +370,11 @@ def train_refineseg(
                 )
             masks = None
             if step == config.steps or (config.evolution_every and step % config.evolution_every == 0):
-                checkpoint += 1
+                plane += 1
                 masks = current_masks()
+            run.maybe_save(step, {"plane": plane}, last=step == config.steps)
             yield TrainingEvent(step, config.steps, losses, time.perf_counter() - start,
-                                iteration=checkpoint, masks=masks, message=f"step {step}/{config.steps}")
+                                iteration=plane, masks=masks, message=f"step {step}/{config.steps}")
     finally:
         if device.type == "cuda":
             network.to(memory_format=torch.contiguous_format)

@@ -66,6 +66,9 @@ class TrainingConfig:
         final growth at prediction.
     task_weights : dict
         Recursive method: loss weight of each task.
+    checkpoint_every : int
+        With a checkpoint file, write it every this many steps (and at the
+        end of every recursive iteration): a killed run loses at most this many.
     certain_pixels : bool
         Recursive method: T1 also learns the certain pixels of the images
         that carry only partial masks (object inside the partial regions,
@@ -93,6 +96,7 @@ class TrainingConfig:
     epsilon_predict: float = 1.0
     task_weights: dict = field(default_factory=lambda: {"strong": 1.0, "partial": 1.0, "separation": 0.5})
     certain_pixels: bool = False
+    checkpoint_every: int = 50
 
     def replace(self, **changes) -> "TrainingConfig":
         """A copy with some fields changed; ``None`` values are ignored."""
@@ -105,7 +109,7 @@ class TrainingConfig:
         return TrainingConfig(**values)
 
     def validate(self) -> "TrainingConfig":
-        for name in ("steps", "iterations", "batch_size", "base_channels", "depth"):
+        for name in ("steps", "iterations", "batch_size", "base_channels", "depth", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.patch_size < 2**self.depth or self.patch_size % 2**self.depth:

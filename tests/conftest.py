@@ -127,6 +127,12 @@ def errors(monkeypatch):
     return shown
 
 
+@pytest.fixture(autouse=True)
+def _private_checkpoint_folder(tmp_path, monkeypatch):
+    """The Train widget's checkpoints go to the test's folder, never to the user's cache."""
+    monkeypatch.setenv("NAPARI_COARSESEG_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def drawn_viewer(make_napari_viewer, discs, disc_drawings):
     """A viewer with the disc image ("discs") and layers "positive", "negative", "partial", "exact"."""

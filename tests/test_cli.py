@@ -371,6 +371,10 @@ BAD_TRAIN_INPUTS = {
     "empty positive drawing": ("empty_drawing", ["positive", "empty"]),
     "missing output folder": ("missing_out_folder", ["no_such_folder", "does not exist"]),
     "unknown device": ("bad_device", ["device", "tpu"]),
+    "negative label values": ("negative_values", ["negative values", "0 for 'not annotated'"]),
+    "NaN in the image": ("nan_image", ["NaN", "nan_to_num"]),
+    "5-D image": ("five_d_image", ["(2, 2, 2", "expected (Y, X)"]),
+    "only one class drawn": ("only_positive", ["only class 1 is drawn", "negative drawing"]),
 }
 
 
@@ -398,7 +402,19 @@ def test_train_rejects_bad_input_and_writes_nothing(case, data, simulated, tmp_p
         model = work / "no_such_folder" / "model.safetensors"
     elif kind == "bad_device":
         extra = ["--device", "tpu"]
-    assert (drawing.shape == image.shape) == (kind != "small_drawing")
+    elif kind == "negative_values":
+        drawing = -positive.astype(np.int16)
+    elif kind == "nan_image":
+        image = image.astype(np.float32)
+        image[5, 5] = np.nan
+        image_path = _write(tmp_path / "nan.tif", image)
+    elif kind == "five_d_image":
+        image_path = _write(tmp_path / "five_d.tif", np.zeros((2, 2, 2, *image.shape), np.uint16))
+        drawing = np.zeros((2, 2, 2, *image.shape), np.uint8)
+        drawing[..., 10, 10] = 1
+    if kind != "only_positive":
+        extra += ["--negative", simulated / "negative.tif"]
+    assert (drawing.shape[-2:] == image.shape[-2:]) == (kind != "small_drawing")
     positive_path = _write(tmp_path / "positive.tif", drawing)
 
     before = files_under(work)
@@ -543,3 +559,32 @@ def test_train_rejects_drawings_of_the_other_method(method, option, words, data,
                          "--out", tmp_path / "m.safetensors", "--device", "cpu", "--quiet")
     assert_one_line_error(code, out, err, "train", *words)
     assert files_under(tmp_path) == set()
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(command, data, simulated, trained, tmp_path,
+                                                                capsys, monkeypatch):
+    """ENOSPC in the middle of writing a TIFF or a model: one clear line, exit 1, no partial file."""
+    import errno
+
+    import safetensors.torch
+
+    from napari_coarseseg import io
+
+    def disk_full(path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 100)  # what a write got down before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "_imwrite", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, **kwargs: disk_full(path))
+    out = tmp_path / "out"
+    out.mkdir()
+    if command == "train":
+        arguments = ["train", data["image"], "--positive", simulated / "positive.tif", "--negative",
+                     simulated / "negative.tif", "--out", out / "model.safetensors", "--evolution",
+                     out / "evolution.tif", "--preset", data["preset"], "--steps", STEPS, "--device", "cpu"]
+    else:
+        arguments = ["predict", trained["model"], data["image"], "--out", out / "prediction.tif"]
+    code, stdout, err = run(capsys, *arguments)
+    assert_one_line_error(code, stdout, err, command, "No space left on device")
+    assert list(out.iterdir()) == []  # neither the outputs nor temporary files nor a checkpoint

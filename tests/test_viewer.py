@@ -115,6 +115,41 @@ def test_a_2d_drawing_on_a_stack_says_how_to_fix_it(make_napari_viewer, errors):
     assert "2D drawing on a 3D image" in errors[0]
 
 
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("only one class drawn", "only class 1 is drawn"),
+        ("negative label values", "holds negative values"),
+        ("NaN in the image", "NaN or infinite values"),
+        ("5-D image", "expected (Y, X), (Z, Y, X)"),
+    ],
+)
+def test_bad_data_gives_one_notification_and_no_result(drawn_viewer, qtbot, errors, case, message):
+    positive = drawn_viewer.layers["positive"].data
+    image, call = "discs", dict(positive=["positive"], negative=["negative"])
+    if case == "only one class drawn":
+        call = dict(positive=["positive"])
+    elif case == "negative label values":
+        drawn_viewer.add_labels(-positive.astype(np.int8), name="minus")
+        call = dict(positive=["positive"], negative=["minus"])
+    elif case == "NaN in the image":
+        data = drawn_viewer.layers["discs"].data.astype(np.float32)
+        data[3, 3] = np.nan
+        image = drawn_viewer.add_image(data, name="holes").name
+    elif case == "5-D image":
+        image = drawn_viewer.add_image(np.zeros((2, 2, 2, *positive.shape), np.float32), name="5d").name
+        drawn_viewer.add_labels(np.broadcast_to(positive, (2, 2, 2, *positive.shape)).copy(), name="p5")
+        call = dict(positive=["p5"])
+    before = snapshot(drawn_viewer)
+    worker = train_in_viewer(drawn_viewer, image, **call, steps=3, start=False, **TINY)
+    if worker is not None:  # some inputs are only read in the worker
+        with qtbot.waitSignal(worker.finished, timeout=60_000):
+            worker.start()
+    assert len(errors) == 1 and message in errors[0], errors
+    assert f"{image} prediction" not in drawn_viewer.layers
+    assert snapshot(drawn_viewer) == before
+
+
 def test_nothing_drawn_fails_in_the_worker_with_a_notification(drawn_viewer, qtbot, errors):
     drawn_viewer.add_labels(np.zeros_like(drawn_viewer.layers["positive"].data), name="empty")
     worker = train_in_viewer(drawn_viewer, "discs", positive=["empty"], steps=5, start=False, **TINY)

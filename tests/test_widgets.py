@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("napari")
 
@@ -223,3 +224,31 @@ def test_open_sample_train_watch_growth_cancel_predict_save(make_napari_viewer, 
     qtbot.waitUntil(lambda: "new image prediction" in viewer.layers, timeout=60_000)
     assert viewer.layers["new image prediction"].data.shape == (512, 512)
     assert errors == []
+
+
+def test_resume_button_continues_from_the_checkpoint(viewer, qtbot, errors):
+    widget = TrainWidget(viewer)
+    widget.roles["positive"].setCurrentText("positive")
+    widget.roles["negative"].setCurrentText("negative")
+    widget.steps.setValue(4)
+    widget.device.setCurrentText("cpu")
+    assert not widget.resume_button.isEnabled()  # nothing to resume yet
+    widget.start_button.click()
+    assert not widget.resume_button.isEnabled()  # not while running
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.checkpoint_file().is_file()
+    assert widget.resume_button.isEnabled() and widget.resume_button.text() == "Resume from step 4"
+    first = widget.model.network.state_dict()
+    viewer.layers.remove("discs prediction")
+    widget.resume_button.click()  # the run had ended: resuming gives the same model at once
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert errors == [] and "discs prediction" in viewer.layers
+    for key, value in widget.model.network.state_dict().items():
+        assert torch.equal(value, first[key]), key
+    widget.method.setCurrentText("recursive")  # another method: its own checkpoint, none yet
+    assert not widget.resume_button.isEnabled()
+    widget.method.setCurrentText("refineseg")
+    widget.steps.setValue(6)  # other settings: the checkpoint is refused with a notification
+    widget.resume_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert len(errors) == 1 and "another training run" in errors[0]
