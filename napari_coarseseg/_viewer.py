@@ -171,7 +171,7 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
         model = yield from generator
         if model is None:  # closed early
             return None
-        return model, predict(model, image_data, device=device, name=name)
+        return model, predict(model, image_data, device=device, name=name, keep_probabilities=False)
 
     # ignore_errors: our handler shows one notification instead of napari re-raising in the GUI thread.
     worker = thread_worker(work, start_thread=False, ignore_errors=True)()
@@ -253,7 +253,7 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
     name = image_layer.name
 
     def work():
-        labels = predict(model, image_data, device=device, name=name).labels
+        labels = predict(model, image_data, device=device, name=name, keep_probabilities=False).labels
         if instances:
             from skimage.measure import label
 

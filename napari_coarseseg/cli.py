@@ -282,7 +282,8 @@ def cmd_predict(args) -> int:
     with StagedWrites() as staged:
         for file, target in tqdm(list(zip(image_files, targets)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
-            prediction = predict(model, read_tiff(file), device=args.device, name=file.name)
+            prediction = predict(model, read_tiff(file), device=args.device, name=file.name,
+                                 keep_probabilities=bool(args.probabilities))
             staged.add(target, prediction.labels)
             if args.probabilities:
                 staged.add(_output_path(args.probabilities), prediction.probabilities.astype(np.float32))

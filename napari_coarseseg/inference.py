@@ -37,8 +37,9 @@ class Prediction:
     ----------
     labels : ndarray of uint8 or uint16
         0 = background, 1..K = classes; the image's spatial shape.
-    probabilities : ndarray of float32
-        Class probabilities, shape ``(K + 1, *spatial_shape)``.
+    probabilities : ndarray of float32 or None
+        Class probabilities, shape ``(K + 1, *spatial_shape)``; None when
+        :func:`predict` was asked not to keep them.
     reliability : ndarray of float32 or None
         Refineseg models: the heads' off-diagonal mass ``1 - trace(A) / L``
         averaged over drawing layers, high where the model believes a coarse
@@ -46,7 +47,7 @@ class Prediction:
     """
 
     labels: np.ndarray
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None = None
     reliability: np.ndarray | None = None
 
 
@@ -114,11 +115,22 @@ def predict_planes(network, planes, device, heads=None, tile_size: int = 256, ov
     reliability : list of ndarray or None
         (Y, X) float32 per plane when ``heads`` are given.
     """
+    results = list(iter_predict_planes(network, planes, device, heads, tile_size, overlap, batch_size))
+    probabilities = [p for p, _ in results]
+    return probabilities, ([r for _, r in results] if heads is not None and len(heads) else None)
+
+
+def iter_predict_planes(network, planes, device, heads=None, tile_size: int = 256, overlap: int = 64,
+                        batch_size: int = 4):
+    """:func:`predict_planes` one plane at a time: yields ``(probabilities, reliability or None)``.
+
+    Only one plane's probabilities exist at a time, so a long stack costs the
+    memory of one slice (plus what the caller keeps).
+    """
     was_training = network.training
     network.eval()
     if heads is not None:
         heads.eval()
-    out_probabilities, out_reliability = [], []
     try:
         for plane in planes:
             _, height, width = plane.shape
@@ -143,13 +155,11 @@ def predict_planes(network, planes, device, heads=None, tile_size: int = 256, ov
                     weight[y : y + tile_y, x : x + tile_x] += window
                     if reliability is not None:
                         reliability[y : y + tile_y, x : x + tile_x] += tile_reliability[i].cpu().numpy() * window
-            out_probabilities.append(total / weight)
-            out_reliability.append(None if reliability is None else reliability / weight)
+            yield total / weight, (None if reliability is None else reliability / weight)
     finally:
         network.train(was_training)
         if heads is not None:
             heads.train(was_training)
-    return out_probabilities, (out_reliability if heads is not None and len(heads) else None)
 
 
 def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior) -> np.ndarray:
@@ -220,7 +230,7 @@ def is_colour_image(image) -> bool:
 
 
 def predict(model, image, device="auto", tile_size: int = 256, overlap: int = 64, batch_size: int = 4,
-            name: str = "image", prior_correction: bool = True) -> Prediction:
+            name: str = "image", prior_correction: bool = True, keep_probabilities: bool = True) -> Prediction:
     """Segment an image (2-D, a (Z, Y, X) stack slice by slice, or RGB).
 
     Parameters
@@ -242,6 +252,10 @@ def predict(model, image, device="auto", tile_size: int = 256, overlap: int = 64
         loss implies (each drawing layer weighs the same) to the class
         frequencies estimated on the training images (stored in the card).
         ``False`` gives the plain argmax of p(y|x).
+    keep_probabilities : bool
+        Return the class probabilities. ``False`` keeps only labels (and
+        reliability) and streams the planes: memory stays at one slice's
+        probabilities however long the stack.
 
     Returns
     -------
@@ -253,27 +267,34 @@ def predict(model, image, device="auto", tile_size: int = 256, overlap: int = 64
         from .recursive import predict_recursive
 
         return predict_recursive(model, image, device=device, tile_size=tile_size, overlap=overlap,
-                                 batch_size=batch_size, name=name)
+                                 batch_size=batch_size, name=name, keep_probabilities=keep_probabilities)
     image = _check_image_for_model(image, model, name)
     device = select_device(device)
     model.to(device)
     norm = model.card["normalisation"]
     planes = to_planes(normalize(image, norm["low"], norm["high"], rgb=model.rgb), model.rgb)
-    probabilities, reliability = predict_planes(model.network, planes, device, model.heads, tile_size, overlap,
-                                                batch_size)
     prior = model.card.get("prior")
-    if prior_correction and prior:
-        probabilities = [adjust_to_prior(p, prior["estimated"], prior["training"]) for p in probabilities]
-    return _assemble(image, model, probabilities, reliability)
+    labels, probabilities, reliability = [], [], []
+    for plane_probabilities, plane_reliability in iter_predict_planes(model.network, planes, device, model.heads,
+                                                                      tile_size, overlap, batch_size):
+        if prior_correction and prior:
+            plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"])
+        labels.append(plane_probabilities.argmax(0).astype(_label_dtype(model)))
+        if keep_probabilities:
+            probabilities.append(plane_probabilities)
+        if plane_reliability is not None:
+            reliability.append(plane_reliability)
+    return _assemble(image, model, labels, probabilities or None, reliability or None)
 
 
-def _assemble(image, model, probabilities, reliability) -> Prediction:
-    """Stack per-plane results back into the image's layout."""
-    spatial_ndim = image.ndim - (1 if model.rgb else 0)
-    probs = np.stack(probabilities, axis=1)  # (L, Z, Y, X)
-    rel = None if reliability is None else np.stack(reliability)
-    if spatial_ndim == 2:
-        probs = probs[:, 0]
-        rel = None if rel is None else rel[0]
-    labels = probs.argmax(0).astype(np.uint8 if model.n_classes < 256 else np.uint16)
+def _label_dtype(model):
+    return np.uint8 if model.n_classes < 256 else np.uint16
+
+
+def _assemble(image, model, labels, probabilities=None, reliability=None) -> Prediction:
+    """Stack per-plane results (lists, one entry per plane) back into the image's layout."""
+    single = image.ndim - (1 if model.rgb else 0) == 2
+    labels = labels[0] if single else np.stack(labels)
+    probs = None if probabilities is None else (probabilities[0] if single else np.stack(probabilities, axis=1))
+    rel = None if reliability is None else (reliability[0] if single else np.stack(reliability))
     return Prediction(labels=labels, probabilities=probs, reliability=rel)

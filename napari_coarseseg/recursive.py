@@ -30,7 +30,7 @@ from scipy.ndimage import label as connected_components
 from .annotations import AnnotationError, is_rgb, validate_drawing, validate_image
 from .checkpoint import RunCheckpoint
 from .data import PatchSampler, augment, normalize, to_planes, to_slices
-from .inference import Prediction, _assemble, _check_image_for_model, predict_planes
+from .inference import Prediction, _assemble, _check_image_for_model, iter_predict_planes, predict_planes
 from .levelset import grow_regions, label_regions
 from .losses import masked_nll
 from .model_io import Model, make_card
@@ -510,7 +510,8 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float,
 
 
 def predict_recursive(model: Model, image, device="auto", tile_size: int = 256, overlap: int = 64,
-                      batch_size: int = 4, name: str = "image", epsilon: float | None = None) -> Prediction:
+                      batch_size: int = 4, name: str = "image", epsilon: float | None = None,
+                      keep_probabilities: bool = True) -> Prediction:
     """Segment an image with a recursive-method model.
 
     T1 gives the foreground F and T2 the approximation regions; one last
@@ -531,13 +532,12 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = 256, 
     norm = model.card["normalisation"]
     epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
     planes = to_planes(normalize(image, norm["low"], norm["high"], rgb=model.rgb), model.rgb)
-    both, _ = predict_planes(model.network, planes, device, None, tile_size, overlap, batch_size)
     n_labels = model.n_classes + 1
     segmentation, labels = [], []
-    for p in both:
+    for p, _ in iter_predict_planes(model.network, planes, device, None, tile_size, overlap, batch_size):
         probabilities, approximation, interface = _split_tasks(p, n_labels)
-        labels.append(final_growth(_foreground(probabilities, interface), approximation.argmax(0), epsilon))
-        segmentation.append(probabilities)
-    prediction = _assemble(image, model, segmentation, None)
-    prediction.labels = np.stack(labels).reshape(prediction.labels.shape).astype(prediction.labels.dtype)
-    return prediction
+        grown = final_growth(_foreground(probabilities, interface), approximation.argmax(0), epsilon)
+        labels.append(grown.astype(np.uint8 if model.n_classes < 256 else np.uint16))
+        if keep_probabilities:
+            segmentation.append(probabilities)
+    return _assemble(image, model, labels, segmentation or None)

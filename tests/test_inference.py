@@ -203,3 +203,24 @@ def test_predict_rejects_bad_arguments(discs, tiny_model):
         predict(tiny_model, np.repeat(image[..., None], 3, axis=-1), device="cpu")
     with pytest.raises(AnnotationError, match="NaN"):
         predict(tiny_model, np.full((16, 16), np.nan), device="cpu")
+
+
+def test_streamed_stack_prediction_keeps_labels_and_one_slice_of_probabilities(discs, disc_model):
+    """keep_probabilities=False: the same labels and reliability, and memory of one slice, not of the stack."""
+    import tracemalloc
+
+    image, _ = discs
+    stack = np.stack([np.roll(image, 3 * i, axis=1) for i in range(24)])
+    kept = predict(disc_model, stack, device="cpu", tile_size=32, overlap=8)
+    tracemalloc.start()
+    streamed = predict(disc_model, stack, device="cpu", tile_size=32, overlap=8, keep_probabilities=False)
+    _, peak_streamed = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    predict(disc_model, stack, device="cpu", tile_size=32, overlap=8)
+    _, peak_kept = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_array_equal(streamed.labels, kept.labels)
+    np.testing.assert_array_equal(streamed.reliability, kept.reliability)
+    assert streamed.probabilities is None and kept.probabilities.shape == (2, *stack.shape)
+    probabilities_bytes = kept.probabilities.nbytes  # 2 x 24 x 64 x 64 float32
+    assert peak_kept - peak_streamed > probabilities_bytes, (peak_kept, peak_streamed)
