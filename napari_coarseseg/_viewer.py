@@ -15,7 +15,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from .annotations import AnnotationError, _spatial_shape
+from .annotations import AnnotationError, _spatial_shape, is_lazy
 from .inference import _check_image_for_model, predict
 from .model_io import Model, ModelFileError, load_model
 from .recursive import train_recursive
@@ -243,7 +243,10 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
     """
     try:
         image_layer = _image_layer(viewer, image)
-        image_data = _layer_data(viewer, image_layer, "image", role="image")
+        if is_kind(image_layer, "image") and is_lazy(image_layer.data):
+            image_data = image_layer.data  # dask, zarr, memmap: read slice by slice by the prediction
+        else:
+            image_data = _layer_data(viewer, image_layer, "image", role="image")
         if not isinstance(model, Model):
             model = load_model(model)
         _check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts

@@ -229,7 +229,11 @@ class TrainWidget(QWidget):
         method = self.method.currentText()
         checkpoint = self.checkpoint_file()
         if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a read-only home: train without a safety net rather than not at all
+                show_info(f"No checkpoints for this run (cannot create {checkpoint.parent}: {error}).")
+                checkpoint = None
         roles = {role: self.roles[role].value() for role in self.ROLES[method]}
         if method == "refineseg":
             layers = {role: [name] if name else [] for role, name in roles.items()}

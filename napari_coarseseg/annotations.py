@@ -18,6 +18,7 @@ the pixel is not).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -73,8 +74,20 @@ def is_rgb(image: np.ndarray) -> bool:
     return image.ndim == 3 and image.shape[-1] in (3, 4)
 
 
+def is_lazy(array) -> bool:
+    """Whether ``array`` is read on demand: a dask or zarr array, a NumPy memmap, anything array-like
+    with a shape that is not an in-memory NumPy array."""
+    if isinstance(array, np.memmap):
+        return True
+    return (not isinstance(array, np.ndarray) and hasattr(array, "shape") and hasattr(array, "dtype")
+            and hasattr(array, "__getitem__") and hasattr(array, "ndim"))
+
+
 def validate_image(image, name: str = "image", rgb: bool | None = None) -> np.ndarray:
     """Check that ``image`` is a 2-D image, a (Z, Y, X) stack or an RGB image.
+
+    Lazy arrays (:func:`is_lazy`: dask, zarr, memmap) are returned as they
+    are, without reading their pixels.
 
     Parameters
     ----------
@@ -97,7 +110,9 @@ def validate_image(image, name: str = "image", rgb: bool | None = None) -> np.nd
         If the image has the wrong number of dimensions, is empty or holds
         NaN or infinite values.
     """
-    image = np.asarray(image)
+    lazy = is_lazy(image)
+    if not lazy:
+        image = np.asarray(image)
     if rgb is None:
         rgb = is_rgb(image)
     spatial = image.ndim - (1 if rgb else 0)
@@ -106,11 +121,12 @@ def validate_image(image, name: str = "image", rgb: bool | None = None) -> np.nd
             f"{name} has shape {image.shape}; expected (Y, X), (Z, Y, X) or (Y, X, 3). "
             "Squeeze or select the axes you want to segment first."
         )
-    if image.size == 0:
+    if math.prod(image.shape) == 0:
         raise AnnotationError(f"{name} is empty (shape {image.shape}).")
     if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise AnnotationError(f"{name} has dtype {image.dtype}; expected numbers.")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+    # Lazy arrays are checked slice by slice as they are read (data.iter_normalized_planes).
+    if not lazy and np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         raise AnnotationError(
             f"{name} contains NaN or infinite values; replace them (e.g. with "
             "numpy.nan_to_num) before training or predicting."

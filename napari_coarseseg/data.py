@@ -48,6 +48,57 @@ def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, rgb: bool
     return ((scaled - mean) / np.maximum(std, 1e-6)).astype(np.float32)
 
 
+def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: bool = False, name: str = "image"):
+    """:func:`normalize` then :func:`to_planes`, one plane at a time for lazy arrays.
+
+    In-memory NumPy arrays go through :func:`normalize` as in training. A
+    lazy array (dask, zarr, memmap; see ``annotations.is_lazy``) is read twice
+    slice by slice, never whole: a first pass gathers the mean and standard
+    deviation (float64) and a subsample for the percentiles, a second pass
+    yields each normalised (C, Y, X) plane. Same formula as :func:`normalize`,
+    so the results agree to float rounding.
+
+    Raises
+    ------
+    AnnotationError
+        If a slice holds NaN or infinite values.
+    """
+    from .annotations import AnnotationError, is_lazy
+
+    if not is_lazy(image):
+        yield from to_planes(normalize(image, low, high, rgb), rgb)
+        return
+    spatial_ndim = image.ndim - (1 if rgb else 0)
+    n_slices = 1 if spatial_ndim == 2 else image.shape[0]
+
+    def read(z):
+        plane = np.asarray(image if spatial_ndim == 2 else image[z], dtype=np.float32)
+        if not np.isfinite(plane).all():
+            raise AnnotationError(f"{name} contains NaN or infinite values (slice {z}); replace them (e.g. with "
+                                  "numpy.nan_to_num) before predicting.")
+        return plane if rgb else plane[..., None]  # (Y, X, C)
+
+    channels = image.shape[-1] if rgb else 1
+    total, total_sq, count, sample = np.zeros(channels), np.zeros(channels), 0, []
+    stride = max(1, n_slices // 16)  # percentiles from at most ~16 slices
+    for z in range(n_slices):
+        plane = read(z).reshape(-1, channels).astype(np.float64)
+        total += plane.sum(axis=0)
+        total_sq += (plane**2).sum(axis=0)
+        count += plane.shape[0]
+        if z % stride == 0:
+            sample.append(plane.astype(np.float32))
+    lo, hi = np.percentile(np.concatenate(sample), [low, high], axis=0)
+    span = np.maximum(hi - lo, 1e-6)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0))
+    scaled_mean, scaled_std = (mean - lo) / span, np.maximum(std / span, 1e-6)
+    for z in range(n_slices):
+        scaled = (read(z) - lo.astype(np.float32)) / span.astype(np.float32)
+        plane = ((scaled - scaled_mean.astype(np.float32)) / scaled_std.astype(np.float32)).astype(np.float32)
+        yield np.ascontiguousarray(np.moveaxis(plane, -1, 0))
+
+
 def to_planes(image: np.ndarray, rgb: bool) -> list[np.ndarray]:
     """Split an image into a list of (C, Y, X) planes (one per slice of a stack)."""
     spatial_ndim = image.ndim - (1 if rgb else 0)

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from .annotations import AnnotationError, validate_image
-from .data import normalize, to_planes
+from .data import iter_normalized_planes
 from .training import autocast, select_device
 
 __all__ = [
@@ -272,7 +272,7 @@ def predict(model, image, device="auto", tile_size: int = 256, overlap: int = 64
     device = select_device(device)
     model.to(device)
     norm = model.card["normalisation"]
-    planes = to_planes(normalize(image, norm["low"], norm["high"], rgb=model.rgb), model.rgb)
+    planes = iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)
     prior = model.card.get("prior")
     labels, probabilities, reliability = [], [], []
     for plane_probabilities, plane_reliability in iter_predict_planes(model.network, planes, device, model.heads,

@@ -29,7 +29,7 @@ from scipy.ndimage import label as connected_components
 
 from .annotations import AnnotationError, is_rgb, validate_drawing, validate_image
 from .checkpoint import RunCheckpoint
-from .data import PatchSampler, augment, normalize, to_planes, to_slices
+from .data import PatchSampler, augment, iter_normalized_planes, normalize, to_planes, to_slices
 from .inference import Prediction, _assemble, _check_image_for_model, iter_predict_planes, predict_planes
 from .levelset import grow_regions, label_regions
 from .losses import masked_nll
@@ -531,7 +531,7 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = 256, 
     model.eval()
     norm = model.card["normalisation"]
     epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
-    planes = to_planes(normalize(image, norm["low"], norm["high"], rgb=model.rgb), model.rgb)
+    planes = iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)
     n_labels = model.n_classes + 1
     segmentation, labels = [], []
     for p, _ in iter_predict_planes(model.network, planes, device, None, tile_size, overlap, batch_size):

@@ -224,3 +224,42 @@ def test_streamed_stack_prediction_keeps_labels_and_one_slice_of_probabilities(d
     assert streamed.probabilities is None and kept.probabilities.shape == (2, *stack.shape)
     probabilities_bytes = kept.probabilities.nbytes  # 2 x 24 x 64 x 64 float32
     assert peak_kept - peak_streamed > probabilities_bytes, (peak_kept, peak_streamed)
+
+
+class SliceOnlyArray:
+    """A lazy stack that serves single slices only and refuses to be read whole (like a huge zarr store)."""
+
+    def __init__(self, data):
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.reads = []
+
+    def __getitem__(self, index):
+        if not isinstance(index, int):
+            raise AssertionError(f"read more than one slice: {index!r}")
+        self.reads.append(index)
+        return self.data[index]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was read into memory")
+
+
+def test_lazy_stacks_are_read_slice_by_slice_and_predict_the_same(discs, disc_model, tmp_path):
+    image, _ = discs
+    stack = np.stack([np.roll(image, 5 * i, axis=0) for i in range(6)])
+    expected = predict(disc_model, stack, device="cpu")
+    lazy = SliceOnlyArray(stack)
+    streamed = predict(disc_model, lazy, device="cpu")
+    assert sorted(set(lazy.reads)) == list(range(6)) and len(lazy.reads) == 12  # two passes, one slice at a time
+    np.testing.assert_array_equal(streamed.labels, expected.labels)
+    np.testing.assert_allclose(streamed.probabilities, expected.probabilities, atol=1e-5)
+    memmap = np.memmap(tmp_path / "stack.raw", dtype=stack.dtype, mode="w+", shape=stack.shape)
+    memmap[:] = stack
+    np.testing.assert_array_equal(predict(disc_model, memmap, device="cpu").labels, expected.labels)
+
+
+def test_a_nan_slice_of_a_lazy_stack_is_named(discs, disc_model):
+    image, _ = discs
+    stack = np.stack([image, image, image]).astype(np.float32)
+    stack[2, 10, 10] = np.nan
+    with pytest.raises(AnnotationError, match=r"NaN or infinite values \(slice 2\)"):
+        predict(disc_model, SliceOnlyArray(stack), device="cpu", name="stack")

@@ -11,6 +11,7 @@ pytest.importorskip("napari")
 
 from qtpy.QtCore import QTimer  # noqa: E402
 
+from napari_coarseseg import predict  # noqa: E402
 from napari_coarseseg._viewer import predict_in_viewer, train_in_viewer  # noqa: E402
 
 TINY = dict(base_channels=4, depth=2, patch_size=32, batch_size=2, device="cpu")
@@ -182,3 +183,18 @@ def test_a_model_for_other_channels_is_refused_with_a_notification(make_napari_v
     viewer.add_image(np.random.default_rng(0).random((32, 32, 3)), name="colour", rgb=True)
     assert predict_in_viewer(viewer, disc_model, "colour") is None
     assert "colour" in errors[0] and "grey" in errors[0], errors
+
+
+def test_predict_on_a_dask_layer_reads_it_lazily(make_napari_viewer, qtbot, errors, disc_model, discs):
+    da = pytest.importorskip("dask.array")
+    image, _ = discs
+    stack = np.stack([image] * 5)
+    viewer = make_napari_viewer()
+    viewer.add_image(da.from_array(stack, chunks=(1, *image.shape)), name="lazy")
+    assert not isinstance(viewer.layers["lazy"].data, np.ndarray)
+    worker = predict_in_viewer(viewer, disc_model, "lazy", device="cpu", start=False)
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        worker.start()
+    assert errors == []
+    expected = predict(disc_model, stack, device="cpu").labels
+    np.testing.assert_array_equal(viewer.layers["lazy prediction"].data, expected)
