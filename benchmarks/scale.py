@@ -11,7 +11,11 @@ Cases:
 - ``predict-4096-recursive``: the same with the recursive model;
 - ``predict-stack``: a stack of 200 slices of 512 x 512, refineseg model;
 - ``train-4096``: refineseg training on a 4096 x 4096 image with simulated
-  drawings, 20 steps (patch sampling must not copy more than needed).
+  drawings (made beforehand, in the parent process), 20 steps (patch
+  sampling must not copy more than needed).
+
+Prediction keeps labels only (``keep_probabilities=False``), as ``coarseseg
+predict`` without ``--probabilities`` and napari do.
 
 Usage::
 
@@ -46,13 +50,29 @@ def big_image(side: int):
             np.pad(labels, ((0, reps * 512 - 512),) * 2, mode="symmetric")[:side, :side])
 
 
+def drawings_file(side: int) -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"coarseseg-scale-drawings-{side}.npz"
+
+
+def write_drawings(side: int) -> None:
+    """Simulated drawings of the big image, made once in the parent process."""
+    import numpy as np
+
+    from napari_coarseseg import simulate
+
+    drawings = simulate(big_image(side)[1], instances=True)
+    np.savez(drawings_file(side), positive=drawings.positive, negative=drawings.negative)
+
+
 def run_case(case: str, threads: int) -> dict:
     """Run one case in this process; return its figures (peak RSS read by the caller's child process)."""
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    from napari_coarseseg import load_model, predict, run_to_end, simulate, train_refineseg
+    from napari_coarseseg import load_model, predict, run_to_end, train_refineseg
 
     if case.startswith("predict"):
         model = load_model("dsb2018-nuclei-recursive" if case.endswith("recursive") else "dsb2018-nuclei-refineseg")
@@ -61,17 +81,18 @@ def run_case(case: str, threads: int) -> dict:
         else:
             image = big_image(4096)[0]
         start = time.perf_counter()
-        labels = predict(model, image, device="cpu").labels
+        # What `coarseseg predict` and napari do: labels only, one slice of probabilities at a time.
+        labels = predict(model, image, device="cpu", keep_probabilities=False).labels
         seconds = time.perf_counter() - start
         assert labels.shape == image.shape
         return {"case": case, "shape": list(image.shape), "seconds": round(seconds, 1),
                 "megapixels_per_second": round(image.size / 1e6 / seconds, 2),
                 "foreground_fraction": round(float((labels > 0).mean()), 3)}
-    image, labels = big_image(4096)
-    drawings = simulate(labels, instances=True)
+    image, _ = big_image(4096)
+    drawings = np.load(drawings_file(image.shape[0]))  # simulated by the parent: not part of this peak
     start = time.perf_counter()
-    run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], steps=20, evolution_every=0,
-                               device="cpu"))
+    run_to_end(train_refineseg(image, [drawings["positive"]], [drawings["negative"]], steps=20,
+                               evolution_every=0, device="cpu"))
     return {"case": case, "shape": list(image.shape), "seconds": round(time.perf_counter() - start, 1),
             "steps": 20}
 
@@ -90,6 +111,8 @@ def main(argv=None) -> int:
         return 0
 
     results = []
+    if "train-4096" in args.cases:
+        write_drawings(4096)
     for case in args.cases.split(","):
         done = subprocess.run([sys.executable, __file__, "--child", case, "--threads", str(args.threads)],
                               capture_output=True, text=True)

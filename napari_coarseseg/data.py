@@ -42,10 +42,14 @@ def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, rgb: bool
     image = np.asarray(image, dtype=np.float32)
     axes = tuple(range(image.ndim - 1)) if rgb else None
     lo, hi = np.percentile(image, [low, high], axis=axes, keepdims=True)
-    scaled = (image - lo) / np.maximum(hi - lo, 1e-6)
+    # In place on one float32 copy: a 4096 x 4096 image needs 64 MB per copy.
+    scaled = np.subtract(image, lo, dtype=np.float32)
+    scaled /= np.maximum(hi - lo, 1e-6)
     mean = scaled.mean(axis=axes, keepdims=True)
     std = scaled.std(axis=axes, keepdims=True)
-    return ((scaled - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+    scaled -= mean
+    scaled /= np.maximum(std, 1e-6)
+    return scaled
 
 
 def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: bool = False, name: str = "image"):

@@ -72,8 +72,8 @@ def test_recursive_training_evolution_has_k_plus_one_planes(drawn_viewer, qtbot,
 def test_cancel_stops_within_seconds_and_leaves_the_viewer_consistent(drawn_viewer, qtbot, errors):
     viewer = drawn_viewer
     before = snapshot(viewer)
-    worker = train_in_viewer(viewer, "discs", positive=["positive"], steps=100_000, evolution_every=2,
-                             start=False, **TINY)
+    worker = train_in_viewer(viewer, "discs", positive=["positive"], negative=["negative"], steps=100_000,
+                             evolution_every=2, start=False, **TINY)
     with qtbot.waitSignal(worker.yielded, timeout=60_000):
         worker.start()
     qtbot.waitUntil(lambda: "discs evolution" in viewer.layers, timeout=60_000)

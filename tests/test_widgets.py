@@ -64,6 +64,7 @@ def test_train_button_trains_shows_progress_and_saves(viewer, qtbot, errors, tmp
 def test_cancel_button_stops_training(viewer, qtbot, errors):
     widget = TrainWidget(viewer)
     widget.roles["positive"].setCurrentText("positive")
+    widget.roles["negative"].setCurrentText("negative")
     widget.steps.setValue(100_000)
     widget.device.setCurrentText("cpu")
     widget.start_button.click()
