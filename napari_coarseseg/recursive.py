@@ -13,9 +13,9 @@ learns, on the images with partial masks only, the pixels whose class is
 certain: inside a partial region (object) and farther from every region than
 objects reach past their regions on the exactly masked images (background).
 With a single exact tile T1 otherwise sees one tile's background only and can
-call most of an unseen tile foreground; measured on the DSB folds this takes
-the held-out Dice from 0.926 to 0.931 on average and removes that failure
-(``benchmarks/recursive.py``).
+call most of an unseen tile foreground; measured on the DSB folds (4 folds x 2
+seeds) this takes the held-out Dice from 0.921 to 0.930 on average and the
+worst run from 0.907 to 0.922 (README, ``benchmarks/recursive.py``).
 """
 
 from __future__ import annotations
