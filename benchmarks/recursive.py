@@ -88,20 +88,25 @@ def plot_iterations(dices: dict, held_out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=120, gridspec_kw={"width_ratios": [1, 1.1]})
-    for (label, values), marker in zip(dices.items(), "os^vD<>p"):
-        left.plot(np.arange(len(values)), values, marker=marker, ms=4, lw=1.2, label=label)
+    # One colour per held-out quadrant, one marker per seed: every run is drawn.
+    quadrants = sorted({label.split(" held out")[0] for label in dices})
+    for index, (label, values) in enumerate(dices.items()):
+        quadrant = label.split(" held out")[0]
+        seed = int(label.rsplit("seed ", 1)[1]) if "seed " in label else 0
+        left.plot(np.arange(len(values)), values, marker="os^vD<>p"[seed % 8], ms=4, lw=1.0,
+                  color=f"C{quadrants.index(quadrant)}", label=label.split(",")[0] if seed == 0 else None)
     n_iterations = max(len(v) for v in dices.values())
     left.set_xticks(range(n_iterations))
     left.set_xlabel("iteration k (0 = the partial masks)")
     left.set_ylabel("Dice against the expert mask")
     left.set_title("Approximations on the training tiles", fontsize=10)
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="lower right", title="markers: seeds 0, 1, 2 (o s ^)", title_fontsize=7)
 
     names = list(held_out)
     for row, name in enumerate(names):
         values = np.asarray(held_out[name], dtype=float)
         right.barh(row, values.mean(), color="tab:green" if name == "recursive" else "lightgrey", height=0.6)
-        right.plot(values, np.full(len(values), row), "k.", ms=4)
+        right.plot(values, np.full(len(values), row), "k.", ms=4)  # one dot per fold (mean over seeds)
         right.text(0.505, row, f"mean {values.mean():.3f}", va="center", ha="left", fontsize=8)
     right.set_yticks(range(len(names)), [name.replace(" (", "\n(") for name in names], fontsize=7)
     right.invert_yaxis()
