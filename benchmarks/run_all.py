@@ -4,12 +4,13 @@ Runs, one after the other (each alone on the machine, so timings are clean):
 
 1. ``accuracy.py`` (RefineSeg against its baselines, 4 folds, about 20 minutes);
 2. ``recursive.py --seeds 3`` (the recursive method against its baselines, about 45 minutes);
-3. ``speed.py`` (training steps, level-set update, prediction throughput, about 1 minute);
-4. ``scale.py`` (peak memory and throughput on big images, about 4 minutes).
+3. ``curves.py`` (Dice against training seconds, budget sweep on fold 0, about 5 minutes);
+4. ``speed.py`` (training steps, level-set update, prediction throughput, about 1 minute);
+5. ``scale.py`` (peak memory and throughput on big images, about 4 minutes).
 
 Then writes ``results.json`` (every script's JSON under its name) and
 ``results.md`` (every script's Markdown table under a heading) into the
-output folder. About 70 minutes on 2 CPU cores.
+output folder. About 75 minutes on 2 CPU cores.
 
 Usage::
 
@@ -28,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "accuracy": ("accuracy.py", [], "RefineSeg accuracy"),
     "recursive": ("recursive.py", ["--seeds", "3"], "Recursive approximation accuracy"),
+    "curves": ("curves.py", [], "Dice against training seconds"),
     "speed": ("speed.py", [], "Speed"),
     "scale": ("scale.py", [], "Scale"),
 }
