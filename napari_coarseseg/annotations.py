@@ -61,6 +61,11 @@ class AnnotationError(ValueError):
     """An image or drawing that cannot be used; the message says how to fix it."""
 
 
+def label_dtype(n_classes: int):
+    """The smallest unsigned type for labels 0..n_classes."""
+    return np.uint8 if n_classes < 256 else np.uint16
+
+
 def _spatial_shape(image: np.ndarray, rgb: bool) -> tuple[int, ...]:
     return tuple(image.shape[:-1]) if rgb else tuple(image.shape)
 
@@ -397,7 +402,7 @@ def simulate(
     partial[order[keep]] = class_mask.ravel()[order[keep]]
     partial = partial.reshape(labels.shape)
 
-    dtype = np.uint8 if n_classes < 256 else np.uint16
+    dtype = label_dtype(n_classes)
     return SimulatedDrawings(
         positive=positive.astype(dtype),
         negative=negative.astype(dtype),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .annotations import AnnotationError, validate_image
+from .annotations import AnnotationError, label_dtype, validate_image
 from .data import iter_normalized_planes
 from .training import autocast, select_device
 
@@ -279,16 +279,12 @@ def predict(model, image, device="auto", tile_size: int = 256, overlap: int = 64
                                                                       tile_size, overlap, batch_size):
         if prior_correction and prior:
             plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"])
-        labels.append(plane_probabilities.argmax(0).astype(_label_dtype(model)))
+        labels.append(plane_probabilities.argmax(0).astype(label_dtype(model.n_classes)))
         if keep_probabilities:
             probabilities.append(plane_probabilities)
         if plane_reliability is not None:
             reliability.append(plane_reliability)
     return _assemble(image, model, labels, probabilities or None, reliability or None)
-
-
-def _label_dtype(model):
-    return np.uint8 if model.n_classes < 256 else np.uint16
 
 
 def _assemble(image, model, labels, probabilities=None, reliability=None) -> Prediction:

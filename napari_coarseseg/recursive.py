@@ -27,7 +27,7 @@ import torch
 from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
 
-from .annotations import AnnotationError, is_rgb, validate_drawing, validate_image
+from .annotations import AnnotationError, is_rgb, label_dtype, validate_drawing, validate_image
 from .checkpoint import RunCheckpoint
 from .data import PatchSampler, augment, iter_normalized_planes, normalize, to_planes, to_slices
 from .inference import Prediction, _assemble, _check_image_for_model, iter_predict_planes, predict_planes
@@ -262,10 +262,6 @@ def _foreground(segmentation: np.ndarray, interface: np.ndarray | None) -> np.nd
     return labels
 
 
-def _label_dtype(n_classes: int):
-    return np.uint8 if n_classes < 256 else np.uint16
-
-
 def train_recursive(
     images,
     partial,
@@ -362,7 +358,7 @@ def train_recursive(
         return [_foreground(*_split_tasks(p, n_labels)[::2]) for p in probabilities]
 
     def current_masks(foreground):
-        dtype = _label_dtype(inputs.n_classes)
+        dtype = label_dtype(inputs.n_classes)
         return inputs.masks_per_image([
             (inputs.approximation(i) if inputs.seeds[i] is not None else foreground[i]).astype(dtype)
             for i in range(len(inputs.planes))
@@ -394,7 +390,7 @@ def train_recursive(
             initial = [inputs.approximation(i) if inputs.seeds[i] is not None else np.zeros(p.shape[1:], np.int64)
                        for i, p in enumerate(inputs.planes)]
             yield TrainingEvent(0, total_steps, {}, 0.0, iteration=0,
-                                masks=inputs.masks_per_image([m.astype(_label_dtype(inputs.n_classes))
+                                masks=inputs.masks_per_image([m.astype(label_dtype(inputs.n_classes))
                                                               for m in initial]),
                                 message=f"training on {describe_device(device)}")
         else:
@@ -539,7 +535,7 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = 256, 
     for p, _ in iter_predict_planes(model.network, planes, device, None, tile_size, overlap, batch_size):
         probabilities, approximation, interface = _split_tasks(p, n_labels)
         grown = final_growth(_foreground(probabilities, interface), approximation.argmax(0), epsilon)
-        labels.append(grown.astype(np.uint8 if model.n_classes < 256 else np.uint16))
+        labels.append(grown.astype(label_dtype(model.n_classes)))
         if keep_probabilities:
             segmentation.append(probabilities)
     return _assemble(image, model, labels, segmentation or None)

@@ -18,6 +18,7 @@ from .annotations import (
     AnnotationError,
     background_target,
     is_rgb,
+    label_dtype,
     negative_target,
     positive_target,
     validate_drawing,
@@ -194,7 +195,7 @@ class TrainingInputs:
             labels = np.full(self.planes[plane].shape[1:], -1, dtype=np.int64)
             for strategy in self.positive_targets:
                 labels = np.where(labels < 0, strategy[plane], labels)
-            merged.append(np.clip(labels, 0, None).astype(np.uint8 if self.n_classes < 256 else np.uint16))
+            merged.append(np.clip(labels, 0, None).astype(label_dtype(self.n_classes)))
         return self.masks_per_image(merged)
 
     def masks_per_image(self, plane_labels: list[np.ndarray]) -> list[np.ndarray]:
