@@ -115,15 +115,29 @@ def _json_number(value):
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint header")
 
 
+def _read(path, tensors: bool) -> tuple[dict, dict]:
+    """The JSON header (and, with ``tensors``, the raw tensors) of a checkpoint file.
+
+    Raises one of :func:`_read_errors` on a file that is not one.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads((f.metadata() or {})["coarseseg_checkpoint"])
+        return header, ({key: f.get_tensor(key) for key in f.keys()} if tensors else {})
+
+
+def _read_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return SafetensorError, OSError, ValueError, KeyError, TypeError
+
+
 def checkpoint_step(path) -> int | None:
     """The step a checkpoint file reached (header only), or None if there is no readable checkpoint."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["coarseseg_checkpoint"])
-        return int(header["step"])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return int(_read(path, tensors=False)[0]["step"])
+    except _read_errors():
         return None
 
 
@@ -136,16 +150,12 @@ def load_checkpoint(path, fingerprint: str | None = None) -> dict:
         If the file is missing, unreadable, not a checkpoint, or (with
         ``fingerprint``) was written by a run with other settings or data.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}; start without --resume")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["coarseseg_checkpoint"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        header, tensors = _read(path, tensors=True)
+    except _read_errors() as error:
         raise CheckpointError(f"{path} is not a readable napari-coarseseg checkpoint ({error}); delete it and "
                               "start without --resume") from None
     if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
@@ -213,10 +223,10 @@ class RunCheckpoint:
         self.step = loaded["step"]
         return restored
 
-    def maybe_save(self, step: int, state: dict | None = None, arrays: dict | None = None, last: bool = False,
+    def maybe_save(self, step: int, state: dict | None = None, arrays: dict | None = None,
                    force: bool = False) -> bool:
-        """Write the checkpoint if ``step`` is a multiple of ``every`` (or ``last``/``force``)."""
-        if self.path is None or not (force or last or step % self.every == 0):
+        """Write the checkpoint if ``step`` is a multiple of ``every``, or always with ``force``."""
+        if self.path is None or not (force or step % self.every == 0):
             return False
         save_checkpoint(self.path, fingerprint=self.fingerprint, step=step, state=state, arrays=arrays,
                         **self.parts)

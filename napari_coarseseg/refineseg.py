@@ -373,7 +373,7 @@ def train_refineseg(
             if step == config.steps or (config.evolution_every and step % config.evolution_every == 0):
                 plane += 1
                 masks = current_masks()
-            run.maybe_save(step, {"plane": plane}, last=step == config.steps)
+            run.maybe_save(step, {"plane": plane}, force=step == config.steps)
             yield TrainingEvent(step, config.steps, losses, time.perf_counter() - start,
                                 iteration=plane, masks=masks, message=f"step {step}/{config.steps}")
     finally:

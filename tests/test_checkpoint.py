@@ -32,6 +32,12 @@ def stop_at(generator, step: int):
     generator.close()
 
 
+def train_drawn(crop, **settings):
+    """A refineseg run on the crop's simulated positive and negative drawings, tiny network."""
+    image, _, drawings = crop
+    return train_refineseg(image, [drawings.positive], [drawings.negative], **TINY, **settings)
+
+
 @pytest.fixture(scope="module")
 def crop(dsb_crop):
     image, labels = dsb_crop
@@ -40,11 +46,8 @@ def crop(dsb_crop):
 
 @pytest.mark.parametrize("stop", [5, 7])
 def test_refineseg_resumed_run_matches_an_uninterrupted_one(crop, tmp_path, stop):
-    image, _, drawings = crop
-    settings = dict(TINY, steps=10, checkpoint_every=3, evolution_every=4)
-
     def run(**extra):
-        return train_refineseg(image, [drawings.positive], [drawings.negative], **settings, **extra)
+        return train_drawn(crop, steps=10, checkpoint_every=3, evolution_every=4, **extra)
 
     uninterrupted = run_to_end(run())
     path = tmp_path / "run.checkpoint"
@@ -81,24 +84,18 @@ def test_recursive_resumed_run_matches_with_its_approximations(crop, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(crop, tmp_path):
-    image, _, drawings = crop
     path = tmp_path / "run.checkpoint"
-    stop_at(train_refineseg(image, [drawings.positive], [drawings.negative], checkpoint=path, steps=6,
-                            checkpoint_every=2, **TINY), 3)
+    stop_at(train_drawn(crop, checkpoint=path, steps=6, checkpoint_every=2), 3)
     with pytest.raises(CheckpointError, match="another training run"):
-        run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], checkpoint=path, resume=True,
-                                   steps=8, checkpoint_every=2, **TINY))
+        run_to_end(train_drawn(crop, checkpoint=path, resume=True, steps=8, checkpoint_every=2))
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable napari-coarseseg checkpoint"):
-        run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], checkpoint=path, resume=True,
-                                   steps=6, checkpoint_every=2, **TINY))
+        run_to_end(train_drawn(crop, checkpoint=path, resume=True, steps=6, checkpoint_every=2))
 
 
 def test_checkpoint_holds_no_pickle_and_is_written_atomically(crop, tmp_path):
-    image, _, drawings = crop
     path = tmp_path / "run.checkpoint"
-    stop_at(train_refineseg(image, [drawings.positive], [drawings.negative], checkpoint=path, steps=4,
-                            checkpoint_every=2, **TINY), 4)
+    stop_at(train_drawn(crop, checkpoint=path, steps=4, checkpoint_every=2), 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.checkpoint"]  # no temporary file left
     header = load_checkpoint(path)["header"]
     json.dumps(header)  # plain JSON next to raw tensors
@@ -150,8 +147,7 @@ def test_cli_interrupted_then_resumed(crop, tmp_path, capsys, monkeypatch):
 def test_resume_refuses_a_checkpoint_of_another_method(crop, tmp_path):
     image, labels, drawings = crop
     path = tmp_path / "run.checkpoint"
-    stop_at(train_refineseg(image, [drawings.positive], [drawings.negative], checkpoint=path, steps=4,
-                            checkpoint_every=2, **TINY), 2)
+    stop_at(train_drawn(crop, checkpoint=path, steps=4, checkpoint_every=2), 2)
     with pytest.raises(CheckpointError, match="another training run"):
         run_to_end(train_recursive(image, drawings.partial, (labels > 0).astype(np.uint8), checkpoint=path,
                                    resume=True, steps=2, iterations=2, checkpoint_every=2, **TINY))
