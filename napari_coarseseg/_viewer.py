@@ -50,8 +50,13 @@ def is_kind(layer, kind: str) -> bool:
     return isinstance(layer, _LAYER_TYPES[kind])
 
 
-def _layer_data(viewer, name, kind: str, image_shape: tuple | None = None, role: str = "") -> np.ndarray:
-    """A private copy of a layer's data, checked against the image's shape."""
+def _layer_data(viewer, name, kind: str, image_shape: tuple | None = None, role: str = "",
+                keep_lazy: bool = False) -> np.ndarray:
+    """A private copy of a layer's data, checked against the image's shape.
+
+    With ``keep_lazy``, lazy data (dask, zarr, memmap) is returned as it is,
+    for readers that go slice by slice and never write.
+    """
     layer = name if not isinstance(name, str) else None
     if layer is None:
         if name not in viewer.layers:
@@ -61,7 +66,7 @@ def _layer_data(viewer, name, kind: str, image_shape: tuple | None = None, role:
     if not is_kind(layer, kind):
         raise ViewerInputError(f"layer {layer.name!r} is a {type(layer).__name__} layer; the {role or kind} "
                                f"must be a {kind} layer.")
-    data = np.array(layer.data, copy=True)
+    data = layer.data if keep_lazy and is_lazy(layer.data) else np.array(layer.data, copy=True)
     if image_shape is not None and data.shape != image_shape:
         hint = (" It is a 2D drawing on a 3D image: draw in a layer with the image's shape (napari: "
                 "New Labels layer while the image is selected)." if data.ndim < len(image_shape) else "")
@@ -243,10 +248,8 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
     """
     try:
         image_layer = _image_layer(viewer, image)
-        if is_kind(image_layer, "image") and is_lazy(image_layer.data):
-            image_data = image_layer.data  # dask, zarr, memmap: read slice by slice by the prediction
-        else:
-            image_data = _layer_data(viewer, image_layer, "image", role="image")
+        # Prediction reads a dask, zarr or memmap layer slice by slice, never whole.
+        image_data = _layer_data(viewer, image_layer, "image", role="image", keep_lazy=True)
         if not isinstance(model, Model):
             model = load_model(model)
         _check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts
