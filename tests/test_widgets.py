@@ -19,6 +19,16 @@ def viewer(drawn_viewer):
     return drawn_viewer
 
 
+def drawn_train_widget(viewer, steps: int) -> TrainWidget:
+    """A Train widget on the drawn viewer's positive and negative layers, on the CPU."""
+    widget = TrainWidget(viewer)
+    widget.roles["positive"].setCurrentText("positive")
+    widget.roles["negative"].setCurrentText("negative")
+    widget.steps.setValue(steps)
+    widget.device.setCurrentText("cpu")
+    return widget
+
+
 @pytest.mark.parametrize(
     "name, kind", [("Coarse annotations", AnnotationsWidget), ("Train", TrainWidget), ("Predict", PredictWidget)]
 )
@@ -43,11 +53,7 @@ def test_train_widget_lists_layers_roles_presets_and_device(viewer):
 
 
 def test_train_button_trains_shows_progress_and_saves(viewer, qtbot, errors, tmp_path):
-    widget = TrainWidget(viewer)
-    widget.roles["positive"].setCurrentText("positive")
-    widget.roles["negative"].setCurrentText("negative")
-    widget.steps.setValue(4)
-    widget.device.setCurrentText("cpu")
+    widget = drawn_train_widget(viewer, steps=4)
     with qtbot.waitSignal(widget.start_button.clicked):
         widget.start_button.click()
     assert widget.start_button.text() == "Cancel" and widget.running
@@ -62,11 +68,7 @@ def test_train_button_trains_shows_progress_and_saves(viewer, qtbot, errors, tmp
 
 
 def test_cancel_button_stops_training(viewer, qtbot, errors):
-    widget = TrainWidget(viewer)
-    widget.roles["positive"].setCurrentText("positive")
-    widget.roles["negative"].setCurrentText("negative")
-    widget.steps.setValue(100_000)
-    widget.device.setCurrentText("cpu")
+    widget = drawn_train_widget(viewer, steps=100_000)
     widget.start_button.click()
     qtbot.waitUntil(lambda: "step" in widget.status.text(), timeout=60_000)
     widget.start_button.click()  # now "Cancel"
@@ -228,11 +230,7 @@ def test_open_sample_train_watch_growth_cancel_predict_save(make_napari_viewer, 
 
 
 def test_resume_button_continues_from_the_checkpoint(viewer, qtbot, errors):
-    widget = TrainWidget(viewer)
-    widget.roles["positive"].setCurrentText("positive")
-    widget.roles["negative"].setCurrentText("negative")
-    widget.steps.setValue(4)
-    widget.device.setCurrentText("cpu")
+    widget = drawn_train_widget(viewer, steps=4)
     assert not widget.resume_button.isEnabled()  # nothing to resume yet
     widget.start_button.click()
     assert not widget.resume_button.isEnabled()  # not while running
