@@ -22,7 +22,6 @@ Writes ``accuracy.md`` (table) and ``accuracy.json`` into the output folder.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
+from report import write_results  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, train_refineseg  # noqa: E402
 from napari_coarseseg.cli import main as coarseseg  # noqa: E402
@@ -56,6 +56,11 @@ def simulated_drawings():
         return tifffile.imread(Path(folder) / "positive.tif"), tifffile.imread(Path(folder) / "negative.tif")
 
 
+def random_forest_labels(positive, negative, regions) -> list[np.ndarray]:
+    """The drawings in scikit-image's convention (0 unlabelled, 1 background, 2 foreground), per region."""
+    return [np.where(positive[q] > 0, 2, np.where(negative[q] > 0, 1, 0)) for q in regions]
+
+
 def run_fold(fold: int, image, expert, positive, negative, device: str) -> dict:
     test = QUADRANTS[fold]
     train = [q for i, q in enumerate(QUADRANTS) if i != fold]
@@ -73,8 +78,7 @@ def run_fold(fold: int, image, expert, positive, negative, device: str) -> dict:
                                    seed=0, device=device)
     result["naive (a)"] = (dice(predict_dense(network, image[test], device) > 0, truth), seconds)
 
-    # scikit-image convention: 0 unlabelled, 1 background, 2 foreground.
-    rf_labels = [np.where(positive[q] > 0, 2, np.where(negative[q] > 0, 1, 0)) for q in train]
+    rf_labels = random_forest_labels(positive, negative, train)
     labels, seconds = random_forest_segment([image[q] for q in train], rf_labels, image[test], seed=0)
     result["random forest (b)"] = (dice(labels > 0, truth), seconds)
 
@@ -112,8 +116,6 @@ def main(argv=None) -> int:
         print(f"fold {fold}: " + ", ".join(f"{m} {d:.3f} ({s:.0f} s)" for m, (d, s) in results[fold].items()),
               flush=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = load_preset("refineseg")
     header = (f"DSB 2018 nuclei, 4-fold quadrants, drawings from `coarseseg simulate --instances` (defaults). "
               f"Device {args.device}, {args.threads} torch threads, {platform.processor() or platform.machine()}; "
@@ -121,12 +123,9 @@ def main(argv=None) -> int:
               "Dice of the foreground on the held-out quadrant; random forest seconds include feature "
               "computation on the test quadrant.")
     text = header + "\n\n" + table(results, args.folds) + "\n"
-    (out / "accuracy.md").write_text(text)
-    (out / "accuracy.json").write_text(json.dumps(
-        {"device": args.device, "threads": args.threads, "config": vars(config),
-         "results": {str(f): {m: {"dice": d, "seconds": s} for m, (d, s) in r.items()} for f, r in results.items()}},
-        indent=2))
-    print(text)
+    write_results(args.out, "accuracy", text, {
+        "device": args.device, "threads": args.threads, "config": vars(config),
+        "results": {str(f): {m: {"dice": d, "seconds": s} for m, (d, s) in r.items()} for f, r in results.items()}})
     return 0
 
 

@@ -22,7 +22,6 @@ Writes ``curves.md`` (time to reach ``--target``), ``curves.json`` and ``curves.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
 import recursive as recursive_benchmark  # noqa: E402
 from baselines import random_forest_segment  # noqa: E402
+from report import write_results  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, train_recursive, train_refineseg  # noqa: E402
 from napari_coarseseg.demo import dice  # noqa: E402
@@ -63,7 +63,7 @@ def refineseg_points(fold: int) -> dict:
             [image[q] for q in train], [[positive[q] for q in train]], [[negative[q] for q in train]],
             config=load_preset("refineseg"), steps=steps, evolution_every=0, device="cpu")))
         points["refineseg"].append((seconds, dice(predict(model, image[test], device="cpu").labels > 0, truth)))
-    rf_labels = [np.where(positive[q] > 0, 2, np.where(negative[q] > 0, 1, 0)) for q in train]
+    rf_labels = accuracy.random_forest_labels(positive, negative, train)
     for trees in TREES:
         labels, seconds = random_forest_segment([image[q] for q in train], rf_labels, image[test], seed=0,
                                                 n_estimators=trees)
@@ -77,8 +77,7 @@ def recursive_points(quadrant: int) -> dict:
     image_tiles, expert_tiles, partial_tiles = (recursive_benchmark.tiles_of(a) for a in (image, expert, partial))
     held_out = recursive_benchmark.quadrant_tiles(quadrant)
     train = [i for i in range(16) if i not in held_out]
-    counts = [len(np.unique(expert_tiles[i])) - 1 for i in train]
-    strong_tile = train[int(np.argsort(counts)[len(counts) // 2])]
+    strong_tile = recursive_benchmark.strong_tile_of(train, expert_tiles)
     strong = [(expert_tiles[i] > 0).astype(np.uint8) if i == strong_tile else None for i in train]
     tests, truths = [image_tiles[i] for i in held_out], [expert_tiles[i] for i in held_out]
     points = {"recursive": [], "random forest (partial masks)": []}
@@ -88,8 +87,7 @@ def recursive_points(quadrant: int) -> dict:
             device="cpu")))
         points["recursive"].append((seconds, recursive_benchmark.pooled_dice(
             [predict(model, t, device="cpu").labels for t in tests], truths)))
-    rf_labels = [np.where(expert_tiles[i] > 0, 2, 1) if i == strong_tile else np.where(partial_tiles[i] > 0, 2, 0)
-                 for i in train]
+    rf_labels = recursive_benchmark.random_forest_labels(train, strong_tile, expert_tiles, partial_tiles)
     for trees in TREES:
         predictions, seconds = random_forest_segment([image_tiles[i] for i in train], rf_labels, tests, seed=0,
                                                      n_estimators=trees)
@@ -124,9 +122,7 @@ def main(argv=None) -> int:
         runs = ", ".join(f"{s:.1f}: {d:.3f}" for s, d in points)
         lines.append(f"| {name} | {runs} | {'not reached' if reach is None else f'{reach:.1f} s'} |")
     text = "\n".join(lines) + "\n"
-    (out / "curves.md").write_text(text)
-    (out / "curves.json").write_text(json.dumps({"fold": args.fold, "target": args.target, "curves": curves},
-                                                indent=2))
+    write_results(out, "curves", text, {"fold": args.fold, "target": args.target, "curves": curves})
 
     import matplotlib
 

@@ -31,7 +31,6 @@ Writes ``recursive.md``, ``recursive.json`` and ``recursive_iterations.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -45,19 +44,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
+from report import write_results  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end  # noqa: E402
 from napari_coarseseg.cli import main as coarseseg  # noqa: E402
 from napari_coarseseg.demo import dice  # noqa: E402
 from napari_coarseseg.recursive import train_recursive  # noqa: E402
-from napari_coarseseg.samples import load_dsb_nuclei, sample_data_dir  # noqa: E402
+from napari_coarseseg.samples import as_tiles, load_dsb_nuclei, sample_data_dir  # noqa: E402
 
 TILE = 128
 
 
 def tiles_of(array: np.ndarray) -> list[np.ndarray]:
-    """The 16 tiles of a 512 x 512 array, row by row."""
-    return [array[y : y + TILE, x : x + TILE] for y in range(0, 512, TILE) for x in range(0, 512, TILE)]
+    """The 16 tiles of a 512 x 512 array, row by row (the tiles sample's layout)."""
+    return list(as_tiles(array, TILE))
+
+
+def strong_tile_of(train: list[int], expert_tiles) -> int:
+    """The training tile whose nucleus count is the median: the one that carries exact masks."""
+    counts = [len(np.unique(expert_tiles[i])) - 1 for i in train]
+    return train[int(np.argsort(counts)[len(counts) // 2])]
+
+
+def random_forest_labels(train: list[int], strong_tile: int, expert_tiles, partial_tiles) -> list[np.ndarray]:
+    """The same information for the random forest, in scikit-image's convention (0 unlabelled, 1 background,
+    2 foreground): foreground = partial masks and the strong tile's nuclei, background = the strong tile's rest."""
+    return [np.where(expert_tiles[i] > 0, 2, 1) if i == strong_tile else np.where(partial_tiles[i] > 0, 2, 0)
+            for i in train]
 
 
 def quadrant_tiles(quadrant: int) -> list[int]:
@@ -144,8 +157,7 @@ def main(argv=None) -> int:
     for quadrant in quadrants:
         held_out = quadrant_tiles(quadrant)
         train = [i for i in range(16) if i not in held_out]
-        counts = [len(np.unique(expert_tiles[i])) - 1 for i in train]
-        strong_tile = strong_tiles[quadrant] = train[int(np.argsort(counts)[len(counts) // 2])]
+        strong_tile = strong_tiles[quadrant] = strong_tile_of(train, expert_tiles)
         images = [image_tiles[i] for i in train]
         strong = [(expert_tiles[i] > 0).astype(np.uint8) if i == strong_tile else None for i in train]
         truths = [expert_tiles[i] for i in train]
@@ -180,8 +192,7 @@ def main(argv=None) -> int:
                 record(name, (pooled_dice([predict_dense(network, t, args.device) for t in test_images],
                                           test_truths), s))
             # scikit-image convention: 0 unlabelled, 1 background, 2 foreground.
-            rf_labels = [np.where(expert_tiles[i] > 0, 2, 1) if i == strong_tile
-                         else np.where(partial_tiles[i] > 0, 2, 0) for i in train]
+            rf_labels = random_forest_labels(train, strong_tile, expert_tiles, partial_tiles)
             predictions, s = random_forest_segment(images, rf_labels, test_images, seed=seed)
             record("RF (same information)", (pooled_dice(predictions, test_truths), s))
 
@@ -226,13 +237,11 @@ def main(argv=None) -> int:
     lines.append("\nRecursive minus the best baseline, per quadrant: "
                  + ", ".join(f"{m:+.3f}" for m in margins) + ".")
     text = header + "\n\n" + "\n".join(lines) + "\n"
-    (out / "recursive.md").write_text(text)
-    (out / "recursive.json").write_text(json.dumps(
-        {"device": args.device, "threads": args.threads, "quadrants": quadrants, "seeds": seeds,
-         "strong_tiles": strong_tiles, "config": vars(config), "approximation_dice": iteration_dice,
-         "results": {name: {str(q): {"dice": [d for d, _ in runs], "seconds": [s for _, s in runs]}
-                            for q, runs in per_quadrant.items()} for name, per_quadrant in results.items()}},
-        indent=2))
+    write_results(out, "recursive", text, {
+        "device": args.device, "threads": args.threads, "quadrants": quadrants, "seeds": seeds,
+        "strong_tiles": strong_tiles, "config": vars(config), "approximation_dice": iteration_dice,
+        "results": {name: {str(q): {"dice": [d for d, _ in runs], "seconds": [s for _, s in runs]}
+                           for q, runs in per_quadrant.items()} for name, per_quadrant in results.items()}})
     plot_iterations(iteration_dice,
                     {name: [mean_dice(per_quadrant, q) for q in quadrants] for name, per_quadrant in results.items()},
                     out / "recursive_iterations.png")

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from report import result_files
+
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "accuracy": ("accuracy.py", [], "RefineSeg accuracy"),
@@ -40,7 +42,7 @@ def gather(out: Path, names) -> tuple[dict, str]:
     results, sections = {}, []
     for name in names:
         title = BENCHMARKS[name][2]
-        json_file, md_file = out / f"{name}.json", out / f"{name}.md"
+        md_file, json_file = result_files(out, name)
         if not json_file.is_file() or not md_file.is_file():
             raise FileNotFoundError(f"{name} wrote no {json_file.name} / {md_file.name} in {out}")
         results[name] = json.loads(json_file.read_text())

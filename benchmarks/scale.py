@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_results
+
 CASES = ("predict-4096", "predict-4096-recursive", "predict-stack", "train-4096")
 
 
@@ -121,8 +123,6 @@ def main(argv=None) -> int:
             return 1
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(results[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = [f"CPU, {args.threads} torch threads, {platform.processor() or platform.machine()}; each case in its "
              "own process (peak RSS of that process).", "",
              "| case | shape | seconds | MP/s | peak RSS (MB) |", "|---|---|---|---|---|"]
@@ -131,9 +131,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['case']} | {' x '.join(map(str, r['shape']))} | {r['seconds']} | {rate} | "
                      f"{r['peak_rss_mb']} |")
     text = "\n".join(lines) + "\n"
-    (out / "scale.md").write_text(text)
-    (out / "scale.json").write_text(json.dumps(results, indent=2))
-    print(text)
+    write_results(args.out, "scale", text, results)
     return 0
 
 

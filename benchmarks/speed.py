@@ -20,7 +20,6 @@ Writes ``speed.md`` and ``speed.json``. Peak memory is in ``scale.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import train_dense  # noqa: E402
+from report import write_results  # noqa: E402
 
 from napari_coarseseg import (  # noqa: E402
     grow_regions, label_regions, load_model, load_preset, predict, run_to_end, simulate, train_recursive,
@@ -92,8 +92,6 @@ def main(argv=None) -> int:
         predict(model, image, device=args.device, keep_probabilities=False)
     figures["predict_megapixels_per_second"] = 3 * image.size / 1e6 / (time.perf_counter() - start)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = [
         f"{figures['device']}, {platform.processor() or platform.machine()}; the sample image (512 x 512); "
         f"steps of the refineseg preset (batch {config.batch_size}, patches {config.patch_size}), seconds per "
@@ -108,9 +106,7 @@ def main(argv=None) -> int:
         f"| prediction, refineseg model | {figures['predict_megapixels_per_second']:.2f} MP/s | |",
     ]
     text = "\n".join(lines) + "\n"
-    (out / "speed.md").write_text(text)
-    (out / "speed.json").write_text(json.dumps(figures, indent=2))
-    print(text)
+    write_results(args.out, "speed", text, figures)
     return 0
 
 
