@@ -23,7 +23,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from napari_coarseseg import predict, run_to_end, save_model, train_recursive, train_refineseg
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     (out / f"{name}.md").write_text(model_card(
         name, model, f"the image cut into 16 tiles of 128 x 128, partial masks (inner ~45 % of every nucleus, "
         f"`coarseseg simulate --instances`) on all of them and the expert mask on tile {STRONG_TILE} only.",
-        score, f"the 15 tiles whose exact masks it did not see; their partial masks it did see"))
+        score, "the 15 tiles whose exact masks it did not see; their partial masks it did see"))
     print(f"{name}: Dice {score:.3f}", flush=True)
     return 0
 
