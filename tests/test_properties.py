@@ -17,7 +17,8 @@ from hypothesis.extra.numpy import arrays  # noqa: E402
 from napari_coarseseg.annotations import AnnotationError, simulate, validate_drawing, validate_image  # noqa: E402
 from napari_coarseseg.levelset import grow_regions, label_regions  # noqa: E402
 
-FAST = settings(max_examples=60, deadline=None)
+# derandomize: CI sees the same examples every run; a failure is a real one, not a new draw.
+FAST = settings(max_examples=60, deadline=None, derandomize=True)
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 24))
 
 
@@ -74,14 +75,18 @@ def test_validate_image_accepts_2d_3d_rgb_and_refuses_the_rest_clearly(shape, po
     image = np.ones(shape, np.float32)
     if poison is not None and image.size:
         image.flat[image.size // 2] = poison
+    # The contract: a colour axis is guessed only on a 3-D array whose last axis has 3 or 4 entries
+    # (annotations.is_rgb), so (Y, X), (Z, Y, X) and (Y, X, 3|4) pass, 4-D and more do not.
+    spatial = image.ndim - (1 if image.ndim == 3 and image.shape[-1] in (3, 4) else 0)
+    valid = spatial in (2, 3) and image.size > 0 and poison is None
     try:
         out = validate_image(image, "img")
     except AnnotationError as error:
         assert "img" in str(error)
-        spatial = image.ndim - (1 if image.ndim in (3, 4) and image.shape[-1] in (3, 4) else 0)
-        assert spatial not in (2, 3) or image.size == 0 or poison is not None
+        assert not valid
         return
-    assert out.ndim in (2, 3, 4) and out.size and np.isfinite(out).all()
+    assert valid
+    assert out.ndim in (2, 3) and out.size and np.isfinite(out).all()
 
 
 # --------------------------------------------------------------------------- simulate
