@@ -21,3 +21,10 @@ def write_results(out, name: str, text: str, figures) -> None:
     markdown.write_text(text)
     data.write_text(json.dumps(figures, indent=2))
     print(text)
+
+
+def mean_and_spread(values) -> str:
+    """``"0.924 (0.922-0.927)"``: the mean of several seeds' results with the lowest and highest; one value alone."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")

@@ -1,26 +1,31 @@
-"""Run every benchmark with its documented settings and gather the results in one place.
+"""Run every benchmark with its documented settings, gather the results, and write the README's figures.
 
 Runs, one after the other (each alone on the machine, so timings are clean):
 
-1. ``accuracy.py`` (RefineSeg against its baselines, 4 folds, about 20 minutes);
-2. ``recursive.py --seeds 3`` (the recursive method against its baselines, about 45 minutes);
-3. ``curves.py`` (Dice against training seconds, budget sweep on fold 0, about 5 minutes);
-4. ``speed.py`` (training steps, level-set update, prediction throughput, about 1 minute);
-5. ``scale.py`` (peak memory and throughput on big images, about 4 minutes).
+1. ``demo.py`` (``coarseseg demo``, the README's main job, about 1 minute);
+2. ``speed.py`` (training steps, level-set update, prediction throughput, before and now, about 3 minutes);
+3. ``scale.py`` (peak memory and throughput on big images, about 4 minutes);
+4. ``curves.py`` (Dice against training seconds, budget sweep on fold 0, about 5 minutes);
+5. ``accuracy.py`` (RefineSeg against its baselines, 4 folds x 3 seeds, about 45 minutes);
+6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes).
 
 Then writes ``results.json`` (every script's JSON under its name) and
-``results.md`` (every script's Markdown table under a heading) into the
-output folder. About 75 minutes on 2 CPU cores.
+``results.md`` (every script's Markdown under a heading) into the output
+folder, and, when that folder is ``benchmarks/results``, rewrites each block
+of the README between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+with ``NAME.md``: every figure in the README comes from this one command.
+About 100 minutes on 2 CPU cores.
 
 Usage::
 
-    python benchmarks/run_all.py [--threads 2] [--out benchmarks/results] [--only speed,scale]
+    python benchmarks/run_all.py [--threads 2] [--out benchmarks/results] [--only speed,scale] [--gather-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +33,15 @@ from pathlib import Path
 from report import result_files
 
 HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+# Quick ones first, so that a broken script stops the run in minutes, not after the long ones.
 BENCHMARKS = {
-    "accuracy": ("accuracy.py", [], "RefineSeg accuracy"),
-    "recursive": ("recursive.py", ["--seeds", "3"], "Recursive approximation accuracy"),
-    "curves": ("curves.py", [], "Dice against training seconds"),
+    "demo": ("demo.py", [], "The demo"),
     "speed": ("speed.py", [], "Speed"),
     "scale": ("scale.py", [], "Scale"),
+    "curves": ("curves.py", [], "Dice against training seconds"),
+    "accuracy": ("accuracy.py", [], "RefineSeg accuracy"),
+    "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
 }
 
 
@@ -52,19 +60,42 @@ def gather(out: Path, names) -> tuple[dict, str]:
     return results, "\n".join(sections)
 
 
+def update_readme(readme: Path, out: Path) -> list[str]:
+    """Replace the body of every ``<!-- results:NAME -->`` block of ``readme`` with ``out/NAME.md``.
+
+    Returns the names of the blocks written. A block whose ``NAME.md`` is
+    missing is an error: the README must not keep figures no run produced.
+    """
+    text = readme.read_text()
+    pattern = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
+    missing = [name for _, name, _, _ in pattern.findall(text) if not result_files(out, name)[0].is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {', '.join(n + '.md' for n in missing)} in {out}; run those benchmarks first")
+    names = []
+
+    def body(match):
+        names.append(match.group(2))
+        return match.group(1) + result_files(out, match.group(2))[0].read_text().strip() + "\n" + match.group(4)
+
+    readme.write_text(pattern.sub(body, text))
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of "
                         + ", ".join(BENCHMARKS))
+    parser.add_argument("--gather-only", action="store_true",
+                        help="run nothing; gather the results already in --out (and update the README)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; known: {list(BENCHMARKS)}")
     out = Path(args.out)
-    for name in names:
+    for name in [] if args.gather_only else names:
         script, extra, _ = BENCHMARKS[name]
         command = [sys.executable, str(HERE / script), "--threads", str(args.threads), "--out", str(out), *extra]
         print(f"running {' '.join(command[1:])}", flush=True)
@@ -75,6 +106,9 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    if out.resolve() == (HERE / "results").resolve():
+        written = update_readme(README, out)
+        print(f"rewrote the README's blocks {', '.join(written)} from {out}")
     return 0
 
 

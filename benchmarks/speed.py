@@ -5,10 +5,13 @@
   seconds per step from the difference of a long and a short run, so set-up
   costs cancel (target: RefineSeg <= 1.3 x the plain step);
 - a recursive-method step (the multi-task network);
+- each training step twice: in the default (contiguous) memory format, as
+  before the speed work, and channels-last, as the package trains now;
 - the level-set update (eq. 4-6) on the 512 x 512 sample, 125 nuclei seeded
   by their partial masks (target < 50 ms; median of 7);
 - prediction throughput (megapixels per second) on the 512 x 512 sample with
-  the shipped refineseg model.
+  the shipped refineseg model: as before the speed work (contiguous, tiles
+  of 256) and as now (batch norms folded, channels-last, tiles of 512).
 
 Usage::
 
@@ -20,6 +23,7 @@ Writes ``speed.md`` and ``speed.json``. Peak memory is in ``scale.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -38,6 +42,7 @@ from napari_coarseseg import (  # noqa: E402
     train_refineseg,
 )
 from napari_coarseseg.samples import load_dsb_nuclei  # noqa: E402
+from napari_coarseseg import inference, training  # noqa: E402
 from napari_coarseseg.training import describe_device, select_device  # noqa: E402
 
 SHORT, LONG = 10, 40
@@ -51,6 +56,37 @@ def seconds_per_step(run) -> float:
         run(steps)
         times[steps] = time.perf_counter() - start
     return (times[LONG] - times[SHORT]) / (LONG - SHORT)
+
+
+@contextlib.contextmanager
+def memory_format(channels_last: bool):
+    """Train (and predict) in channels-last or the default contiguous format inside the block."""
+    saved = training.CHANNELS_LAST
+    training.CHANNELS_LAST = channels_last
+    try:
+        yield
+    finally:
+        training.CHANNELS_LAST = saved
+
+
+@contextlib.contextmanager
+def unfolded_batch_norm():
+    """Predict with the network as trained, batch norms not folded (as before the speed work)."""
+    saved = inference.fold_batch_norm
+    inference.fold_batch_norm = lambda network: network.eval()
+    try:
+        yield
+    finally:
+        inference.fold_batch_norm = saved
+
+
+def megapixels_per_second(model, image, device, tile_size: int, repeats: int = 3) -> float:
+    """Prediction throughput, labels only (as napari and the command line predict), after a warm-up."""
+    predict(model, image, device=device, tile_size=tile_size, keep_probabilities=False)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predict(model, image, device=device, tile_size=tile_size, keep_probabilities=False)
+    return repeats * image.size / 1e6 / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
@@ -67,14 +103,20 @@ def main(argv=None) -> int:
     config = load_preset("refineseg").replace(evolution_every=0)
     figures = {"device": describe_device(device)}
 
-    figures["refineseg_step_s"] = seconds_per_step(lambda steps: run_to_end(train_refineseg(
-        image, [drawings.positive], [drawings.negative], config=config, steps=steps, device=args.device)))
-    figures["unet_step_s"] = seconds_per_step(lambda steps: train_dense(
-        [image], [labels > 0], config.replace(steps=steps), device=args.device))
-    figures["refineseg_over_unet"] = figures["refineseg_step_s"] / figures["unet_step_s"]
     strong = (labels > 0).astype(np.uint8)
-    figures["recursive_step_s"] = seconds_per_step(lambda steps: run_to_end(train_recursive(
-        image, drawings.partial, strong, steps=steps // 2, iterations=2, device=args.device)))
+    steps = {
+        "refineseg": lambda n: run_to_end(train_refineseg(
+            image, [drawings.positive], [drawings.negative], config=config, steps=n, device=args.device)),
+        "unet": lambda n: train_dense([image], [labels > 0], config.replace(steps=n), device=args.device),
+        "recursive": lambda n: run_to_end(train_recursive(
+            image, drawings.partial, strong, steps=n // 2, iterations=2, device=args.device)),
+    }
+    for layout, channels_last in (("contiguous", False), ("channels_last", True)):
+        with memory_format(channels_last):
+            for name, run in steps.items():
+                figures[f"{name}_step_s_{layout}"] = seconds_per_step(run)
+        figures[f"refineseg_over_unet_{layout}"] = (figures[f"refineseg_step_s_{layout}"]
+                                                    / figures[f"unet_step_s_{layout}"])
 
     seeds, seed_classes = label_regions(drawings.partial)
     timings = []
@@ -86,24 +128,31 @@ def main(argv=None) -> int:
     figures["levelset_objects"] = int(seeds.max())
 
     model = load_model("dsb2018-nuclei-refineseg")
-    predict(model, image, device=args.device)  # warm-up
-    start = time.perf_counter()
-    for _ in range(3):
-        predict(model, image, device=args.device, keep_probabilities=False)
-    figures["predict_megapixels_per_second"] = 3 * image.size / 1e6 / (time.perf_counter() - start)
+    with memory_format(False), unfolded_batch_norm():
+        figures["predict_megapixels_per_second_before"] = megapixels_per_second(model, image, args.device, 256)
+    figures["predict_megapixels_per_second"] = megapixels_per_second(model, image, args.device,
+                                                                     inference.TILE_SIZE)
+
+    def ms(key):
+        return f"{figures[key] * 1000:.0f} ms"
 
     lines = [
         f"{figures['device']}, {platform.processor() or platform.machine()}; the sample image (512 x 512); "
         f"steps of the refineseg preset (batch {config.batch_size}, patches {config.patch_size}), seconds per "
-        f"step from runs of {LONG} and {SHORT} steps.", "",
-        "| measure | value | target |", "|---|---|---|",
-        f"| RefineSeg training step | {figures['refineseg_step_s'] * 1000:.0f} ms | |",
-        f"| plain U-Net step, same size | {figures['unet_step_s'] * 1000:.0f} ms | |",
-        f"| RefineSeg / U-Net | {figures['refineseg_over_unet']:.2f} x | <= 1.3 x |",
-        f"| recursive (multi-task) step | {figures['recursive_step_s'] * 1000:.0f} ms | |",
-        f"| level-set update, 512 x 512, {figures['levelset_objects']} objects | "
+        f"step from runs of {LONG} and {SHORT} steps. *Before*: the default (contiguous) memory format and, "
+        "for prediction, tiles of 256 with batch norms as trained; *now*: channels-last and, for prediction, "
+        f"batch norms folded into the convolutions and tiles of {inference.TILE_SIZE}.", "",
+        "| measure | before | now | target |", "|---|---|---|---|",
+        f"| RefineSeg training step | {ms('refineseg_step_s_contiguous')} | {ms('refineseg_step_s_channels_last')} | |",
+        f"| plain U-Net step, same size | {ms('unet_step_s_contiguous')} | {ms('unet_step_s_channels_last')} | |",
+        f"| RefineSeg / U-Net | {figures['refineseg_over_unet_contiguous']:.2f} x | "
+        f"{figures['refineseg_over_unet_channels_last']:.2f} x | <= 1.3 x |",
+        f"| recursive (multi-task) step | {ms('recursive_step_s_contiguous')} | "
+        f"{ms('recursive_step_s_channels_last')} | |",
+        f"| level-set update, 512 x 512, {figures['levelset_objects']} objects | | "
         f"{figures['levelset_update_ms']:.0f} ms | < 50 ms |",
-        f"| prediction, refineseg model | {figures['predict_megapixels_per_second']:.2f} MP/s | |",
+        f"| prediction, refineseg model | {figures['predict_megapixels_per_second_before']:.2f} MP/s | "
+        f"{figures['predict_megapixels_per_second']:.2f} MP/s | |",
     ]
     text = "\n".join(lines) + "\n"
     write_results(args.out, "speed", text, figures)

@@ -16,7 +16,8 @@ from torch.nn import functional as F
 
 from .annotations import AnnotationError, label_dtype, validate_image
 from .data import iter_normalized_planes
-from .training import autocast, select_device
+from .networks import fold_batch_norm
+from .training import autocast, select_device, use_channels_last
 
 __all__ = [
     "Prediction",
@@ -49,6 +50,11 @@ class Prediction:
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     reliability: np.ndarray | None = None
+
+
+#: Side of the square tiles images are predicted in. 512 rather than 256: a 512 x 512 image is one
+#: tile instead of nine overlapping ones, and a large image is computed 1.3 times over instead of 1.7.
+TILE_SIZE = 512
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -105,7 +111,7 @@ def _forward_tiles(network, heads, tiles: torch.Tensor, device):
     return probabilities, reliability
 
 
-def predict_planes(network, planes, device, heads=None, tile_size: int = 256, overlap: int = 64, batch_size: int = 4):
+def predict_planes(network, planes, device, heads=None, tile_size: int = TILE_SIZE, overlap: int = 64, batch_size: int = 4):
     """Blend tiled predictions over normalised (C, Y, X) planes.
 
     Returns
@@ -120,15 +126,16 @@ def predict_planes(network, planes, device, heads=None, tile_size: int = 256, ov
     return probabilities, ([r for _, r in results] if heads is not None and len(heads) else None)
 
 
-def iter_predict_planes(network, planes, device, heads=None, tile_size: int = 256, overlap: int = 64,
+def iter_predict_planes(network, planes, device, heads=None, tile_size: int = TILE_SIZE, overlap: int = 64,
                         batch_size: int = 4):
     """:func:`predict_planes` one plane at a time: yields ``(probabilities, reliability or None)``.
 
     Only one plane's probabilities exist at a time, so a long stack costs the
     memory of one slice (plus what the caller keeps).
     """
-    was_training = network.training
-    network.eval()
+    # A folded, channels-last copy: the caller's network (training asks for previews mid-run) is left as it came.
+    network = use_channels_last(fold_batch_norm(network), device)
+    was_training = heads.training if heads is not None else False
     if heads is not None:
         heads.eval()
     try:
@@ -157,7 +164,6 @@ def iter_predict_planes(network, planes, device, heads=None, tile_size: int = 25
                         reliability[y : y + tile_y, x : x + tile_x] += tile_reliability[i].cpu().numpy() * window
             yield total / weight, (None if reliability is None else reliability / weight)
     finally:
-        network.train(was_training)
         if heads is not None:
             heads.train(was_training)
 
@@ -229,7 +235,7 @@ def is_colour_image(image) -> bool:
     return image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 4
 
 
-def predict(model, image, device="auto", tile_size: int = 256, overlap: int = 64, batch_size: int = 4,
+def predict(model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64, batch_size: int = 4,
             name: str = "image", prior_correction: bool = True, keep_probabilities: bool = True) -> Prediction:
     """Segment an image (2-D, a (Z, Y, X) stack slice by slice, or RGB).
 

@@ -30,7 +30,7 @@ from scipy.ndimage import label as connected_components
 from .annotations import AnnotationError, is_rgb, label_dtype, validate_drawing, validate_image
 from .checkpoint import RunCheckpoint
 from .data import PatchSampler, augment, iter_normalized_planes, normalize, to_planes, to_slices
-from .inference import Prediction, _assemble, _check_image_for_model, iter_predict_planes, predict_planes
+from .inference import TILE_SIZE, Prediction, _assemble, _check_image_for_model, iter_predict_planes, predict_planes
 from .levelset import grow_regions, label_regions
 from .losses import masked_nll
 from .model_io import Model, make_card
@@ -507,7 +507,7 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float,
     return seed_classes[grow_regions(seeds, seed_classes, np.where(near, foreground, 0), epsilon)]
 
 
-def predict_recursive(model: Model, image, device="auto", tile_size: int = 256, overlap: int = 64,
+def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", epsilon: float | None = None,
                       keep_probabilities: bool = True) -> Prediction:
     """Segment an image with a recursive-method model.

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from napari_coarseseg.losses import coarse_distribution
-from napari_coarseseg.networks import TransitionHead, UNet
+from napari_coarseseg.multitask import MultiTaskUNet
+from napari_coarseseg.networks import TransitionHead, UNet, fold_batch_norm
 
 
 def features(b=2, c=4, h=5, w=7, seed=0):
@@ -105,3 +106,35 @@ def test_unet_is_fully_convolutional_per_sample():
 def test_unet_rejects_depth_zero():
     with pytest.raises(ValueError, match="depth"):
         UNet(depth=0)
+
+
+@pytest.mark.parametrize("make", [lambda: UNet(1, 3, base_channels=4, depth=2),
+                                  lambda: MultiTaskUNet(1, 2, base_channels=4, depth=2)],
+                         ids=["unet", "multitask"])
+def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_network_alone(make):
+    torch.manual_seed(0)
+    network = make()
+    # Train a few batches so the running statistics are far from the initial 0 / 1.
+    optimiser = torch.optim.SGD(network.parameters(), lr=0.1)
+    for _ in range(3):
+        output = network(3 * torch.randn(2, 1, 32, 32) + 5)
+        loss = sum(o.mean() for o in (output.values() if isinstance(output, dict) else output))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    assert batch_norms > 0
+
+    folded = fold_batch_norm(network)
+
+    assert network.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules()) == batch_norms
+    assert not folded.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = 3 * torch.randn(2, 1, 32, 32) + 5
+    network.eval()
+    with torch.no_grad():
+        expected, actual = network(x), folded(x)
+    pairs = (zip(expected.values(), actual.values()) if isinstance(expected, dict) else zip(expected, actual))
+    for e, a in pairs:
+        assert e.abs().max() > 0.01  # not a trivial all-zero output
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
