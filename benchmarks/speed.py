@@ -3,7 +3,7 @@
 - a RefineSeg training step against a plain U-Net step of the same size (same
   network, batch, patches and augmentation; cross-entropy on dense masks):
   seconds per step from the difference of a long and a short run, so set-up
-  costs cancel (target: RefineSeg <= 1.3 x the plain step);
+  costs cancel, median of three (target: RefineSeg <= 1.3 x the plain step);
 - a recursive-method step (the multi-task network);
 - each training step twice: in the default (contiguous) memory format, as
   before the speed work, and channels-last, as the package trains now;
@@ -46,6 +46,7 @@ from napari_coarseseg import inference, training  # noqa: E402
 from napari_coarseseg.training import describe_device, select_device  # noqa: E402
 
 SHORT, LONG = 10, 40
+REPEATS = 3
 
 
 def seconds_per_step(run) -> float:
@@ -111,10 +112,18 @@ def main(argv=None) -> int:
         "recursive": lambda n: run_to_end(train_recursive(
             image, drawings.partial, strong, steps=n // 2, iterations=2, device=args.device)),
     }
-    for layout, channels_last in (("contiguous", False), ("channels_last", True)):
-        with memory_format(channels_last):
-            for name, run in steps.items():
-                figures[f"{name}_step_s_{layout}"] = seconds_per_step(run)
+    # Formats alternate and each figure is the median of REPEATS, so a slow spell of the machine
+    # cannot land on one side of the comparison only.
+    samples = {}
+    for _ in range(REPEATS):
+        for layout, channels_last in (("contiguous", False), ("channels_last", True)):
+            with memory_format(channels_last):
+                for name, run in steps.items():
+                    samples.setdefault(f"{name}_step_s_{layout}", []).append(seconds_per_step(run))
+    for key, values in samples.items():
+        figures[key] = float(np.median(values))
+        figures[key.replace("_step_s_", "_step_s_all_")] = values
+    for layout in ("contiguous", "channels_last"):
         figures[f"refineseg_over_unet_{layout}"] = (figures[f"refineseg_step_s_{layout}"]
                                                     / figures[f"unet_step_s_{layout}"])
 
@@ -139,8 +148,9 @@ def main(argv=None) -> int:
     lines = [
         f"{figures['device']}, {platform.processor() or platform.machine()}; the sample image (512 x 512); "
         f"steps of the refineseg preset (batch {config.batch_size}, patches {config.patch_size}), seconds per "
-        f"step from runs of {LONG} and {SHORT} steps. *Before*: the default (contiguous) memory format and, "
-        "for prediction, tiles of 256 with batch norms as trained; *now*: channels-last and, for prediction, "
+        f"step from runs of {LONG} and {SHORT} steps, median of {REPEATS} (formats alternating). *Before*: the "
+        "default (contiguous) memory format and, for prediction, tiles of 256 with batch norms as trained; "
+        "*now*: channels-last and, for prediction, "
         f"batch norms folded into the convolutions and tiles of {inference.TILE_SIZE}.", "",
         "| measure | before | now | target |", "|---|---|---|---|",
         f"| RefineSeg training step | {ms('refineseg_step_s_contiguous')} | {ms('refineseg_step_s_channels_last')} | |",

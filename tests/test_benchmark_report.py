@@ -1,0 +1,69 @@
+"""The README's figures are rewritten from the benchmark results (benchmarks/run_all.py)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def run_all(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    yield importlib.import_module("run_all")
+    sys.modules.pop("run_all", None)
+    sys.modules.pop("report", None)
+
+
+README = """# Project
+
+Set-up text.
+
+<!-- results:demo -->
+old demo figures
+<!-- /results:demo -->
+
+## Benchmarks
+
+<!-- results:speed -->
+<!-- /results:speed -->
+
+Text after.
+"""
+
+
+def test_update_readme_replaces_each_block_with_its_results_file(tmp_path, run_all):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    (tmp_path / "demo.md").write_text("Demo: 70 s, Dice 0.939.\n")
+    (tmp_path / "speed.md").write_text("| measure | now |\n|---|---|\n| step | 181 ms |\n\n")
+
+    written = run_all.update_readme(readme, tmp_path)
+
+    assert written == ["demo", "speed"]
+    assert readme.read_text() == README.replace("old demo figures\n", "Demo: 70 s, Dice 0.939.\n").replace(
+        "<!-- results:speed -->\n", "<!-- results:speed -->\n| measure | now |\n|---|---|\n| step | 181 ms |\n")
+    # Running it again changes nothing: the blocks' markers stay in place.
+    run_all.update_readme(readme, tmp_path)
+    assert "Demo: 70 s" in readme.read_text() and readme.read_text().count("<!-- results:") == 2
+
+
+def test_update_readme_refuses_a_block_no_benchmark_wrote_and_leaves_the_readme(tmp_path, run_all):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    (tmp_path / "demo.md").write_text("Demo figures.\n")
+
+    with pytest.raises(FileNotFoundError, match="speed.md"):
+        run_all.update_readme(readme, tmp_path)
+    assert readme.read_text() == README
+
+
+def test_every_figure_block_of_the_readme_names_a_benchmark_run_all_runs(run_all):
+    import re
+
+    names = re.findall(r"<!-- results:(\w+) -->\n", run_all.README.read_text())
+    assert set(names) == set(run_all.BENCHMARKS), "each benchmark has one block in the README, and only those"
