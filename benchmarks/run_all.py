@@ -102,7 +102,9 @@ def main(argv=None) -> int:
         if subprocess.run(command).returncode != 0:
             print(f"run_all: {script} failed; results.json not written", file=sys.stderr)
             return 1
-    results, text = gather(out, names)
+    # Gather every benchmark with results in the folder, not only those just run, so that
+    # results.json and results.md stay whole after --only.
+    results, text = gather(out, [n for n in BENCHMARKS if all(f.is_file() for f in result_files(out, n))])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
