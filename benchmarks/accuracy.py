@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
-from report import mean_and_spread, write_results  # noqa: E402
+from report import dice_rows, margins_over_baselines, write_results  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, train_refineseg  # noqa: E402
 from napari_coarseseg.cli import main as coarseseg  # noqa: E402
@@ -97,15 +97,8 @@ def table(results: dict, folds: list[int]) -> str:
     """Markdown table from ``results[method][fold] = [(dice, seconds) per seed]``."""
     lines = ["| method | " + " | ".join(f"fold {f}" for f in folds) + " | mean Dice | train s / fold |",
              "|---" * (len(folds) + 3) + "|"]
-    for method in METHODS:
-        runs = results[method]
-        fold_means = [np.mean([d for d, _ in runs[f]]) for f in folds]
-        seconds = np.mean([s for f in folds for _, s in runs[f]])
-        lines.append(f"| {method} | " + " | ".join(mean_and_spread([d for d, _ in runs[f]]) for f in folds)
-                     + f" | {np.mean(fold_means):.3f} | {seconds:.0f} |")
-    baselines = [m for m in METHODS if m not in ("refineseg", "full (c)")]
-    margins = [np.mean([d for d, _ in results["refineseg"][f]])
-               - max(np.mean([d for d, _ in results[b][f]]) for b in baselines) for f in folds]
+    lines += dice_rows(results, folds)
+    margins = margins_over_baselines(results, "refineseg", ["naive (a)", "random forest (b)"], folds)
     lines += ["", "RefineSeg minus the best baseline (a, b), per fold: " + ", ".join(f"{m:+.3f}" for m in margins)
               + f"; worst single run of RefineSeg {min(d for f in folds for d, _ in results['refineseg'][f]):.3f}."]
     return "\n".join(lines)

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
-from report import mean_and_spread, write_results  # noqa: E402
+from report import dice_rows, margins_over_baselines, mean_dice, write_results  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end  # noqa: E402
 from napari_coarseseg.cli import main as coarseseg  # noqa: E402
@@ -220,22 +220,11 @@ def main(argv=None) -> int:
               "| method | " + " | ".join(f"quadrant {q}" for q in quadrants) + " | mean | train s |",
               "|---" * (len(quadrants) + 3) + "|"]
 
-    def mean_dice(per_quadrant, quadrant):
-        return float(np.mean([d for d, _ in per_quadrant[quadrant]]))
-
-    def cell(per_quadrant, quadrant):
-        return mean_and_spread([d for d, _ in per_quadrant[quadrant]])
-
-    for name, per_quadrant in results.items():
-        cells = [mean_dice(per_quadrant, q) for q in quadrants]
-        seconds = np.mean([s for q in quadrants for _, s in per_quadrant[q]])
-        lines.append(f"| {name} | " + " | ".join(cell(per_quadrant, q) for q in quadrants)
-                     + f" | {np.mean(cells):.3f} | {seconds:.0f} |")
+    lines += dice_rows(results, quadrants)
     if len(seeds) > 1:
         lines.append(f"\nCells: mean over seeds {seeds} (lowest-highest).")
     baselines = [name for name in results if name != "recursive" and not name.startswith("reference")]
-    margins = [mean_dice(results["recursive"], q) - max(mean_dice(results[b], q) for b in baselines)
-               for q in quadrants]
+    margins = margins_over_baselines(results, "recursive", baselines, quadrants)
     lines.append("\nRecursive minus the best baseline, per quadrant: "
                  + ", ".join(f"{m:+.3f}" for m in margins) + ".")
     gains = [values[-1] - values[0] for values in iteration_dice.values()]
@@ -250,7 +239,7 @@ def main(argv=None) -> int:
         "results": {name: {str(q): {"dice": [d for d, _ in runs], "seconds": [s for _, s in runs]}
                            for q, runs in per_quadrant.items()} for name, per_quadrant in results.items()}})
     plot_iterations(iteration_dice,
-                    {name: [mean_dice(per_quadrant, q) for q in quadrants] for name, per_quadrant in results.items()},
+                    {name: [mean_dice(per_quadrant[q]) for q in quadrants] for name, per_quadrant in results.items()},
                     out / "recursive_iterations.png")
     print(text)
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def result_files(out, name: str) -> tuple[Path, Path]:
     """The Markdown and JSON files of benchmark ``name`` in folder ``out``."""
@@ -28,3 +30,26 @@ def mean_and_spread(values) -> str:
     values = [float(v) for v in values]
     mean = sum(values) / len(values)
     return f"{mean:.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+
+
+def mean_dice(runs) -> float:
+    """Mean held-out Dice of ``[(dice, seconds), ...]``, one entry per seed."""
+    return float(np.mean([d for d, _ in runs]))
+
+
+def dice_rows(results, folds) -> list[str]:
+    """Table rows ``| method | per fold: mean (lowest-highest) | mean over folds | training s |``.
+
+    ``results[method][fold]`` lists ``(dice, seconds)``, one entry per seed.
+    """
+    rows = []
+    for method, per_fold in results.items():
+        seconds = np.mean([s for f in folds for _, s in per_fold[f]])
+        rows.append(f"| {method} | " + " | ".join(mean_and_spread([d for d, _ in per_fold[f]]) for f in folds)
+                    + f" | {np.mean([mean_dice(per_fold[f]) for f in folds]):.3f} | {seconds:.0f} |")
+    return rows
+
+
+def margins_over_baselines(results, method: str, baselines, folds) -> list[float]:
+    """Per fold, the mean Dice of ``method`` minus that of the best of ``baselines``."""
+    return [mean_dice(results[method][f]) - max(mean_dice(results[b][f]) for b in baselines) for f in folds]
