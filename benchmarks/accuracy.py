@@ -38,13 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
-from report import dice_rows, margins_over_baselines, write_results  # noqa: E402
-
 from napari_coarseseg import load_preset, predict, run_to_end, train_refineseg  # noqa: E402
 from napari_coarseseg.cli import main as coarseseg  # noqa: E402
 from napari_coarseseg.demo import dice  # noqa: E402
 from napari_coarseseg.samples import load_dsb_nuclei, sample_data_dir  # noqa: E402
+
+from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
+from report import dice_rows, margins_over_baselines, write_results  # noqa: E402
 
 QUADRANTS = [np.s_[:256, :256], np.s_[:256, 256:], np.s_[256:, :256], np.s_[256:, 256:]]
 METHODS = ["refineseg", "naive (a)", "random forest (b)", "full (c)"]

@@ -21,7 +21,12 @@ from napari_coarseseg.data import PatchSampler, augment, normalize, to_planes
 from napari_coarseseg.inference import predict_planes
 from napari_coarseseg.networks import UNet
 from napari_coarseseg.training import (
-    TrainingConfig, autocast, load_preset, seed_everything, select_device, use_channels_last,
+    TrainingConfig,
+    autocast,
+    load_preset,
+    seed_everything,
+    select_device,
+    use_channels_last,
 )
 
 
@@ -36,7 +41,7 @@ def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, dev
     planes = [p for im in images for p in to_planes(normalize(im), False)]
     targets = [np.asarray(m, dtype=np.int64) for m in masks]
     if ignore is not None:
-        targets = [np.where(ig, -1, t) for t, ig in zip(targets, ignore)]
+        targets = [np.where(ig, -1, t) for t, ig in zip(targets, ignore, strict=True)]
     n_labels = int(max(t.max() for t in targets)) + 1
     # The same memory format as the package's training, so step times compare like with like.
     network = use_channels_last(UNet(1, max(n_labels, 2), config.base_channels, config.depth).to(device), device)
@@ -63,7 +68,7 @@ def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, dev
 def predict_dense(network, image, device="auto"):
     """Labels of a network from :func:`train_dense` on one 2-D image."""
     device = select_device(device)
-    probabilities, _ = predict_planes(network, to_planes(normalize(image), False), device)
+    probabilities = predict_planes(network, to_planes(normalize(image), False), device)
     return probabilities[0].argmax(0)
 
 
@@ -83,7 +88,7 @@ def random_forest_segment(train_images, train_labels, test_image, seed=0, n_esti
                        sigma_max=16)
     start = time.perf_counter()
     xs, ys = [], []
-    for image, labels in zip(train_images, train_labels):
+    for image, labels in zip(train_images, train_labels, strict=True):
         f = features(normalize(image))
         drawn = labels > 0
         xs.append(f[drawn])

@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accuracy  # noqa: E402
 import recursive as recursive_benchmark  # noqa: E402
-from baselines import random_forest_segment  # noqa: E402
-from report import write_results  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, train_recursive, train_refineseg  # noqa: E402
 from napari_coarseseg.demo import dice  # noqa: E402
 from napari_coarseseg.samples import load_dsb_nuclei  # noqa: E402
+
+from baselines import random_forest_segment  # noqa: E402
+from report import write_results  # noqa: E402
 
 REFINESEG_STEPS = (50, 100, 200, 300)
 RECURSIVE_STEPS = (12, 25, 50)  # per iteration, 4 iterations
@@ -59,7 +60,7 @@ def refineseg_points(fold: int) -> dict:
     truth = expert[test] > 0
     points = {"refineseg": [], "random forest (drawings)": []}
     for steps in REFINESEG_STEPS:
-        model, seconds = timed(lambda: run_to_end(train_refineseg(
+        model, seconds = timed(lambda steps=steps: run_to_end(train_refineseg(
             [image[q] for q in train], [[positive[q] for q in train]], [[negative[q] for q in train]],
             config=load_preset("refineseg"), steps=steps, evolution_every=0, device="cpu")))
         points["refineseg"].append((seconds, dice(predict(model, image[test], device="cpu").labels > 0, truth)))
@@ -82,7 +83,7 @@ def recursive_points(quadrant: int) -> dict:
     tests, truths = [image_tiles[i] for i in held_out], [expert_tiles[i] for i in held_out]
     points = {"recursive": [], "random forest (partial masks)": []}
     for steps in RECURSIVE_STEPS:
-        model, seconds = timed(lambda: run_to_end(train_recursive(
+        model, seconds = timed(lambda steps=steps: run_to_end(train_recursive(
             [image_tiles[i] for i in train], [partial_tiles[i] for i in train], strong, steps=steps,
             device="cpu")))
         points["recursive"].append((seconds, recursive_benchmark.pooled_dice(
@@ -131,9 +132,9 @@ def main(argv=None) -> int:
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120, sharey=True)
     pairs = [("refineseg", "random forest (drawings)"), ("recursive", "random forest (partial masks)")]
-    for axis, pair in zip(axes, pairs):
+    for axis, pair in zip(axes, pairs, strict=True):
         for name in pair:
-            seconds, values = zip(*curves[name])
+            seconds, values = zip(*curves[name], strict=True)
             axis.plot(seconds, values, "o-", label=name)
         axis.axhline(args.target, color="grey", lw=0.8, ls="--")
         axis.set_xscale("log")

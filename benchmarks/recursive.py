@@ -23,7 +23,8 @@ paper's Figure 7) and the Dice on the held-out tiles (pooled), per fold. About
 
 Usage::
 
-    python benchmarks/recursive.py [--threads 2] [--device cpu] [--quadrants 0,1,2,3] [--seeds 3] [--out benchmarks/results]
+    python benchmarks/recursive.py [--threads 2] [--device cpu] [--quadrants 0,1,2,3] [--seeds 3] \
+        [--out benchmarks/results]
 
 Writes ``recursive.md``, ``recursive.json`` and ``recursive_iterations.png``.
 """
@@ -43,14 +44,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
-from report import dice_rows, margins_over_baselines, mean_dice, write_results  # noqa: E402
-
-from napari_coarseseg import load_preset, predict, run_to_end  # noqa: E402
+from napari_coarseseg import load_preset, predict, run_to_end, train_recursive  # noqa: E402
 from napari_coarseseg.cli import main as coarseseg  # noqa: E402
 from napari_coarseseg.demo import dice  # noqa: E402
-from napari_coarseseg.recursive import train_recursive  # noqa: E402
 from napari_coarseseg.samples import as_tiles, load_dsb_nuclei, sample_data_dir  # noqa: E402
+
+from baselines import predict_dense, random_forest_segment, train_dense  # noqa: E402
+from report import dice_rows, margins_over_baselines, mean_dice, write_results  # noqa: E402
 
 TILE = 128
 
@@ -103,7 +103,7 @@ def plot_iterations(dices: dict, held_out: dict, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=120, gridspec_kw={"width_ratios": [1, 1.1]})
     # One colour per held-out quadrant, one marker per seed: every run is drawn.
     quadrants = sorted({label.split(" held out")[0] for label in dices})
-    for index, (label, values) in enumerate(dices.items()):
+    for label, values in dices.items():
         quadrant = label.split(" held out")[0]
         seed = int(label.rsplit("seed ", 1)[1]) if "seed " in label else 0
         left.plot(np.arange(len(values)), values, marker="os^vD<>p"[seed % 8], ms=4, lw=1.0,
@@ -163,9 +163,10 @@ def main(argv=None) -> int:
         truths = [expert_tiles[i] for i in train]
         test_images, test_truths = [image_tiles[i] for i in held_out], [expert_tiles[i] for i in held_out]
 
-        def record(name, value):
+        def record(name, value, seed, quadrant=quadrant):
             results.setdefault(name, {}).setdefault(quadrant, []).append(value)
-            print(f"quadrant {quadrant} seed {seed}, {name}: held-out Dice {value[0]:.3f}, {value[1]:.0f} s", flush=True)
+            print(f"quadrant {quadrant} seed {seed}, {name}: held-out Dice {value[0]:.3f}, {value[1]:.0f} s",
+                  flush=True)
 
         for seed in seeds:
             evolution = []
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
             model = run_to_end(
                 train_recursive(images, [partial_tiles[i] for i in train], strong, config=config,
                                 device=args.device, seed=seed),
-                lambda event: evolution.append(event.masks) if event.masks is not None else None,
+                lambda event, evolution=evolution: evolution.append(event.masks) if event.masks is not None else None,
             )
             seconds = time.perf_counter() - start
             per_iteration = [pooled_dice(masks, truths) for masks in evolution]
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
             print(f"quadrant {quadrant} seed {seed}: approximation Dice per iteration "
                   f"{np.round(per_iteration, 3).tolist()}", flush=True)
             record("recursive", (pooled_dice([predict(model, t, device=args.device).labels for t in test_images],
-                                             test_truths), seconds))
+                                             test_truths), seconds), seed)
             dense_runs = {
                 "SL (U-Net, strong tile only)": ([image_tiles[strong_tile]], [strong[train.index(strong_tile)]]),
                 "WL (U-Net, partial masks as full masks)": (images, [partial_tiles[i] > 0 for i in train]),
@@ -190,11 +191,11 @@ def main(argv=None) -> int:
             for name, (train_images, masks) in dense_runs.items():
                 network, s = train_dense(train_images, masks, dense, seed=seed, device=args.device)
                 record(name, (pooled_dice([predict_dense(network, t, args.device) for t in test_images],
-                                          test_truths), s))
+                                          test_truths), s), seed)
             # scikit-image convention: 0 unlabelled, 1 background, 2 foreground.
             rf_labels = random_forest_labels(train, strong_tile, expert_tiles, partial_tiles)
             predictions, s = random_forest_segment(images, rf_labels, test_images, seed=seed)
-            record("RF (same information)", (pooled_dice(predictions, test_truths), s))
+            record("RF (same information)", (pooled_dice(predictions, test_truths), s), seed)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

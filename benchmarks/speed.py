@@ -34,16 +34,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines import train_dense  # noqa: E402
-from report import write_results  # noqa: E402
-
-from napari_coarseseg import (  # noqa: E402
-    grow_regions, label_regions, load_model, load_preset, predict, run_to_end, simulate, train_recursive,
+from napari_coarseseg import (  # noqa: E402  # noqa: E402
+    grow_regions,
+    inference,
+    label_regions,
+    load_model,
+    load_preset,
+    predict,
+    run_to_end,
+    simulate,
+    train_recursive,
     train_refineseg,
+    training,
 )
 from napari_coarseseg.samples import load_dsb_nuclei  # noqa: E402
-from napari_coarseseg import inference, training  # noqa: E402
 from napari_coarseseg.training import describe_device, select_device  # noqa: E402
+
+from baselines import train_dense  # noqa: E402
+from report import write_results  # noqa: E402
 
 SHORT, LONG = 10, 40
 REPEATS = 3

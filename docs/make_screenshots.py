@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 SHOWN_TILE = 9  # a tile without exact masks
 
 
@@ -55,7 +54,7 @@ def evolution_gif(image: np.ndarray, planes: np.ndarray, truth: np.ndarray, path
     from napari_coarseseg.demo import dice
 
     frames = []
-    for k, (rgb, plane) in enumerate(zip(overlays(image, planes, truth), planes)):
+    for k, (rgb, plane) in enumerate(zip(overlays(image, planes, truth), planes, strict=True)):
         big = np.kron((rgb * 255).astype(np.uint8), np.ones((zoom, zoom, 1), np.uint8))
         frame = Image.fromarray(big)
         ImageDraw.Draw(frame).text((6, 4), f"iteration {k}: Dice {dice(plane > 0, truth > 0):.2f}",
@@ -76,7 +75,7 @@ def evolution_strip(image: np.ndarray, planes: np.ndarray, truth: np.ndarray, pa
     from napari_coarseseg.demo import dice
 
     figure, axes = plt.subplots(1, len(planes), figsize=(2.4 * len(planes), 2.7), dpi=110)
-    for k, (axis, plane, rgb) in enumerate(zip(axes, planes, overlays(image, planes, truth))):
+    for k, (axis, plane, rgb) in enumerate(zip(axes, planes, overlays(image, planes, truth), strict=True)):
         axis.imshow(rgb)
         axis.set_title(f"k={k}: Dice {dice(plane > 0, truth > 0):.2f}", fontsize=9)
         axis.axis("off")

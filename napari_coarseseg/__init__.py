@@ -6,25 +6,27 @@ command. ``train_in_viewer`` and ``predict_in_viewer`` import napari on first
 use.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .annotations import AnnotationError, Role, simulate, validate_drawing, validate_image
-from .inference import Prediction, predict
-from .model_io import Model, ModelFileError, list_shipped_models, load_model, read_card, save_model
+from .inference import Prediction
 from .levelset import grow_regions, label_regions
-from .recursive import train_recursive
-from .refineseg import train_refineseg
+from .methods import METHODS, TrainingRun, load_model, predict
+from .methods.recursive import train_recursive
+from .methods.refineseg import train_refineseg
+from .model_io import Model, ModelFileError, list_shipped_models, read_card, save_model
 from .training import TrainingConfig, TrainingEvent, list_presets, load_preset, run_to_end, select_device
 
 __all__ = [
     "__version__",
     "AnnotationError",
+    "METHODS",
     "Model",
     "ModelFileError",
     "Prediction",
     "Role",
     "TrainingConfig",
     "TrainingEvent",
+    "TrainingRun",
     "list_presets",
     "list_shipped_models",
     "load_model",

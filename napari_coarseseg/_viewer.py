@@ -15,15 +15,12 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from .annotations import AnnotationError, _spatial_shape, is_lazy
-from .inference import _check_image_for_model, predict
-from .model_io import Model, ModelFileError, load_model
-from .recursive import train_recursive
-from .refineseg import train_refineseg
+from .annotations import AnnotationError, is_lazy, spatial_shape
+from .inference import check_image_for_model
+from .methods import DEFAULT_METHOD, check_roles, drawing_roles, get_method, load_model, predict
+from .model_io import Model, ModelFileError
 
 __all__ = ["train_in_viewer", "predict_in_viewer", "evolution_layer_name", "prediction_layer_name"]
-
-METHODS = ("refineseg", "recursive")
 
 
 def evolution_layer_name(image_name: str) -> str:
@@ -92,10 +89,9 @@ def _image_layer(viewer, image):
     return viewer.layers[image]
 
 
-def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negative=(), background=(),
-                    partial=None, strong=None, separation=None, steps: int | None = None,
+def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int | None = None,
                     iterations: int | None = None, preset: str | None = None, device: str = "auto",
-                    seed: int | None = 0, start: bool = True, on_event=None, **overrides):
+                    seed: int | None = 0, start: bool = True, on_event=None, **layers_and_settings):
     """Train on layers of ``viewer`` in a background thread; return the worker.
 
     Parameters
@@ -103,16 +99,14 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
     viewer : napari.Viewer
     image : str or Layer
         The image layer (name or layer).
-    method : {"refineseg", "recursive"}
-    positive, negative, background : list of str
-        Refineseg drawing layers (names or layers); one learned head each.
-    partial, strong, separation : str, optional
-        Recursive method layers: partial masks, exact masks, interface scribbles.
+    method : str
+        A method of :data:`napari_coarseseg.methods.METHODS`: ``"refineseg"``
+        or ``"recursive"``.
     steps, iterations : int, optional
-        Optimiser steps (per iteration for the recursive method) and
+        Optimiser steps (per iteration where the method has iterations) and
         iterations; default from the preset.
     preset : str, optional
-        A preset of ``models/``; default the method's name.
+        A preset of ``models/``; default the method's.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
     seed : int, optional
@@ -120,8 +114,12 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
         Start the worker (set False to connect more signals first).
     on_event : callable, optional
         Called in the GUI thread with every :class:`TrainingEvent`.
-    **overrides
-        Any :class:`TrainingConfig` field.
+    **layers_and_settings
+        Drawing layers by role (names or layers; a list for a role that
+        takes several), e.g. ``positive=["strokes"], negative=["not"]`` for
+        refineseg, ``partial="regions", strong="exact"`` for recursive; every
+        other keyword goes to the method's ``train`` (a
+        :class:`TrainingConfig` field, ``checkpoint``, ``resume``).
 
     Returns
     -------
@@ -133,41 +131,29 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
     -----
     Creates the Labels layer ``"<image> evolution"`` (a leading iteration
     axis, filled live, the dims slider following the newest plane), and at
-    the end ``"<image> prediction"`` and, for refineseg,
+    the end ``"<image> prediction"`` and, where the method gives one (refineseg),
     ``"<image> annotation reliability"``. Existing layers of those names are
     replaced; user layers are never written.
     """
+    roles = set(drawing_roles())
+    named = {role: _names(value) for role, value in layers_and_settings.items() if role in roles}
+    settings = {key: value for key, value in layers_and_settings.items() if key not in roles}
+    settings.update({key: value for key, value in (("steps", steps), ("iterations", iterations)) if value is not None})
     try:
-        if method not in METHODS:
-            raise ViewerInputError(f"unknown method {method!r}; use one of {METHODS}.")
+        chosen = get_method(method)
         image_layer = _image_layer(viewer, image)
         image_data = _layer_data(viewer, image_layer, "image", role="image")
         rgb = bool(getattr(image_layer, "rgb", False))
-        shape = _spatial_shape(image_data, rgb)
+        shape = spatial_shape(image_data, rgb)
         name = image_layer.name
-        settings = dict(overrides, steps=steps) if steps is not None else dict(overrides)
-        if iterations is not None:
-            settings["iterations"] = iterations
-        if method == "refineseg":
-            layers = {role: [_layer_data(viewer, n, "labels", shape, role) for n in _names(value)]
-                      for role, value in (("positive", positive), ("negative", negative),
-                                          ("background", background))}
-            if not any(layers.values()):
-                raise ViewerInputError("no drawing layer given: pick at least one positive or negative "
-                                       "drawing layer.")
-            generator = train_refineseg(image_data, layers["positive"], layers["negative"], layers["background"],
-                                        config=preset, seed=seed, device=device, rgb=rgb, names=[name],
-                                        **settings)
-        else:
-            if partial is None:
-                raise ViewerInputError("the recursive method needs a partial-mask layer (rough inner region "
-                                       "of every object).")
-            partial_data = _layer_data(viewer, partial, "labels", shape, "partial")
-            strong_data = None if strong is None else _layer_data(viewer, strong, "labels", shape, "strong")
-            separation_data = (None if separation is None
-                               else _layer_data(viewer, separation, "labels", shape, "separation"))
-            generator = train_recursive(image_data, partial_data, strong_data, separation_data, config=preset,
-                                        seed=seed, device=device, rgb=rgb, names=[name], **settings)
+        given = {role: names for role, names in named.items() if names}
+        check_roles(chosen, given)
+        if not given:
+            raise ViewerInputError(f"no drawing layer given: pick at least one "
+                                   f"{' or '.join(chosen.role_names)} layer.")
+        layers = {role: [_layer_data(viewer, n, "labels", shape, role) for n in names] for role, names in given.items()}
+        generator = chosen.start(image_data, layers, config=preset, seed=seed, device=device, rgb=rgb, names=[name],
+                                 **settings)
     except (ViewerInputError, AnnotationError, ValueError, KeyError) as error:
         show_error(f"Cannot train: {error}")
         return None
@@ -178,6 +164,14 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
             return None
         return model, predict(model, image_data, device=device, name=name, keep_probabilities=False)
 
+    worker = _training_worker(viewer, work, name, shape, on_event)
+    if start:
+        worker.start()
+    return worker
+
+
+def _training_worker(viewer, work, name: str, shape: tuple, on_event):
+    """A thread worker running ``work``, its events shown in ``"<name> evolution"`` and its result as layers."""
     # ignore_errors: our handler shows one notification instead of napari re-raising in the GUI thread.
     worker = thread_worker(work, start_thread=False, ignore_errors=True)()
     evolution: list[np.ndarray] = []
@@ -214,8 +208,6 @@ def train_in_viewer(viewer, image, method: str = "refineseg", positive=(), negat
     worker.yielded.connect(on_yielded)
     worker.returned.connect(on_returned)
     worker.errored.connect(on_errored)
-    if start:
-        worker.start()
     return worker
 
 
@@ -252,7 +244,7 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
         image_data = _layer_data(viewer, image_layer, "image", role="image", keep_lazy=True)
         if not isinstance(model, Model):
             model = load_model(model)
-        _check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts
+        check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts
     except (ViewerInputError, ModelFileError, OSError, ValueError) as error:
         show_error(f"Cannot predict: {error}")
         return None

@@ -26,13 +26,13 @@ from qtpy.QtWidgets import (
 )
 
 from ._viewer import is_kind, predict_in_viewer, train_in_viewer
-from .annotations import ROLE_KEY, Role, _spatial_shape, simulate
+from .annotations import ROLE_KEY, Role, simulate, spatial_shape
 from .checkpoint import checkpoint_step
+from .methods import DEFAULT_METHOD, METHODS, drawing_roles
 from .model_io import list_shipped_models, save_model
 from .training import describe_device, list_presets, load_preset, select_device
 
 NONE = "(none)"
-ROLES = tuple(role.value for role in Role)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -89,9 +89,11 @@ class LayerChoice(QComboBox):
 
 
 class TrainWidget(QWidget):
-    """Method, preset, layers, steps, device; Start becomes Cancel; progress, loss readout, save."""
+    """Method, preset, layers, steps, device; Start becomes Cancel; progress, loss readout, save.
 
-    ROLES = {"refineseg": ("positive", "negative", "background"), "recursive": ("partial", "strong", "separation")}
+    The methods, their drawing roles and presets come from the registry
+    (:data:`napari_coarseseg.methods.METHODS`) when the widget is built.
+    """
 
     def __init__(self, napari_viewer: napari.Viewer, parent=None):
         super().__init__(parent)
@@ -103,10 +105,13 @@ class TrainWidget(QWidget):
 
         self.image = LayerChoice(napari_viewer, "image")
         self.method = QComboBox()
-        self.method.addItems(list(self.ROLES))
+        self.method.addItems(list(METHODS))
+        self.method.setCurrentText(DEFAULT_METHOD)
         self.preset = QComboBox()
-        self.roles = {role: LayerChoice(napari_viewer, "labels", optional=True, role=role)
-                      for roles in self.ROLES.values() for role in roles}
+        self.roles = {}
+        for role, takers in drawing_roles().items():
+            self.roles[role] = LayerChoice(napari_viewer, "labels", optional=True, role=role)
+            self.roles[role].setToolTip(takers[0][1].meaning)
         self.steps = QSpinBox()
         self.steps.setRange(1, 1_000_000)
         self.iterations = QSpinBox()
@@ -159,15 +164,17 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ form
 
-    def _method_changed(self, method: str):
+    def _method_changed(self, name: str):
+        method = METHODS[name]
         for role, (label, choice) in self._role_rows.items():
-            visible = role in self.ROLES[method]
+            visible = role in method.role_names
             label.setVisible(visible)
             choice.setVisible(visible)
-        self.iterations.setEnabled(method == "recursive")
+        self.iterations.setEnabled("iterations" in method.length)
         self.preset.blockSignals(True)
         self.preset.clear()
-        self.preset.addItems([name for name in list_presets() if name.startswith(method)])
+        self.preset.addItems(list_presets(name))
+        self.preset.setCurrentText(method.preset)
         self.preset.blockSignals(False)
         self._preset_changed(self.preset.currentText())
         self._update_resume()
@@ -194,11 +201,11 @@ class TrainWidget(QWidget):
         """
         assigned = {layer.metadata.get(ROLE_KEY) for layer in self.viewer.layers}
         current = self.method.currentText()
-        if self.running or assigned & set(self.ROLES[current]):
+        if self.running or assigned & set(METHODS[current].role_names):
             return
-        for method, roles in self.ROLES.items():
-            if assigned & set(roles):
-                self.method.setCurrentText(method)
+        for method in METHODS.values():
+            if assigned & set(method.role_names):
+                self.method.setCurrentText(method.name)
                 return
 
     def _preset_changed(self, name: str):
@@ -226,7 +233,7 @@ class TrainWidget(QWidget):
         Every run writes a checkpoint (:meth:`checkpoint_file`); ``resume``
         continues from it (what the Resume button does).
         """
-        method = self.method.currentText()
+        method = METHODS[self.method.currentText()]
         checkpoint = self.checkpoint_file()
         if checkpoint is not None:
             try:
@@ -234,24 +241,22 @@ class TrainWidget(QWidget):
             except OSError as error:  # a read-only home: train without a safety net rather than not at all
                 show_info(f"No checkpoints for this run (cannot create {checkpoint.parent}: {error}).")
                 checkpoint = None
-        roles = {role: self.roles[role].value() for role in self.ROLES[method]}
-        if method == "refineseg":
-            layers = {role: [name] if name else [] for role, name in roles.items()}
-        else:
-            layers = roles
-        total = self.steps.value() * (self.iterations.value() if method == "recursive" else 1)
+        layers = {role: self.roles[role].value() for role in method.role_names if self.roles[role].value()}
+        lengths = {"steps": self.steps.value(), "iterations": self.iterations.value()}
+        lengths = {setting: value for setting, value in lengths.items() if setting in method.length}
+        preset = self.preset.currentText() or method.preset
         worker = train_in_viewer(
-            self.viewer, self.image.value() or "", method=method, **layers, steps=self.steps.value(),
-            iterations=self.iterations.value() if method == "recursive" else None,
-            preset=self.preset.currentText() or None, device=self.device.currentText(), start=False,
-            on_event=self._on_event, checkpoint=checkpoint, resume=resume,
+            self.viewer, self.image.value() or "", method=method.name, **layers, **lengths, preset=preset,
+            device=self.device.currentText(), start=False, on_event=self._on_event, checkpoint=checkpoint,
+            resume=resume,
         )
         if worker is None:
             return None
         self.worker = worker
         self.model = None
         self._cancelled = False
-        self._progress = progress(total=total, desc=f"Training {method}")
+        total = method.total_steps(load_preset(preset).replace(**lengths))
+        self._progress = progress(total=total, desc=f"Training {method.name}")
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
         self.start_button.setText("Cancel")
@@ -387,7 +392,7 @@ class AnnotationsWidget(QWidget):
 
         self.assign_layer = LayerChoice(napari_viewer, "labels")
         self.assign_role = QComboBox()
-        self.assign_role.addItems(ROLES)
+        self.assign_role.addItems(list(drawing_roles()))
         assign = QPushButton("Assign role")
         assign.clicked.connect(self.assign)
 
@@ -459,7 +464,7 @@ class AnnotationsWidget(QWidget):
         return self.viewer.layers[name]
 
     def _add_role_layer(self, image_layer, role: str, data=None):
-        shape = _spatial_shape(image_layer.data, image_layer.rgb)
+        shape = spatial_shape(image_layer.data, image_layer.rgb)
         name = f"{image_layer.name} {role}"
         if data is None and name in self.viewer.layers:
             return self.viewer.layers[name]  # never replace what the user drew
@@ -474,7 +479,7 @@ class AnnotationsWidget(QWidget):
         image_layer = self._image_layer()
         if image_layer is None:
             return []
-        return [self._add_role_layer(image_layer, role) for role in ROLES]
+        return [self._add_role_layer(image_layer, role) for role in drawing_roles()]
 
     def assign(self):
         name = self.assign_layer.value()
@@ -493,7 +498,7 @@ class AnnotationsWidget(QWidget):
             show_error("Pick the Labels layer that holds a full mask to simulate from.")
             return []
         mask = np.asarray(self.viewer.layers[name].data)
-        shape = _spatial_shape(image_layer.data, image_layer.rgb)
+        shape = spatial_shape(image_layer.data, image_layer.rgb)
         if mask.shape != shape:
             show_error(f"The mask {name!r} has shape {mask.shape} but the image has {shape}; pick a mask of the "
                        "image's shape.")
@@ -501,7 +506,7 @@ class AnnotationsWidget(QWidget):
         drawings = simulate(mask, instances=self.instances.isChecked())
         added = [self._add_role_layer(image_layer, f"{role} (simulated)", getattr(drawings, role))
                  for role in ("positive", "negative", "partial")]
-        for layer, role in zip(added, ("positive", "negative", "partial")):
+        for layer, role in zip(added, ("positive", "negative", "partial"), strict=True):
             layer.metadata[ROLE_KEY] = role
         self.update_counts()
         return added

@@ -19,7 +19,7 @@ the pixel is not).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -28,10 +28,13 @@ from scipy import ndimage as ndi
 __all__ = [
     "Role",
     "AnnotationError",
-    "CoarseDrawings",
+    "ROLE_KEY",
     "validate_image",
     "validate_drawing",
-    "infer_n_classes",
+    "spatial_shape",
+    "label_dtype",
+    "is_rgb",
+    "is_lazy",
     "positive_target",
     "background_target",
     "negative_target",
@@ -66,7 +69,8 @@ def label_dtype(n_classes: int):
     return np.uint8 if n_classes < 256 else np.uint16
 
 
-def _spatial_shape(image: np.ndarray, rgb: bool) -> tuple[int, ...]:
+def spatial_shape(image, rgb: bool) -> tuple[int, ...]:
+    """The shape of ``image`` without its colour axis: the shape its drawings must have."""
     return tuple(image.shape[:-1]) if rgb else tuple(image.shape)
 
 
@@ -144,6 +148,7 @@ def validate_drawing(
     spatial_shape: tuple[int, ...],
     name: str = "drawing",
     role: Role | str = Role.POSITIVE,
+    allow_empty: bool = False,
 ) -> np.ndarray:
     """Check one drawing layer against its image and return it as ``int64``.
 
@@ -156,22 +161,33 @@ def validate_drawing(
     name : str
         Layer or file name, used in messages.
     role : Role or str
-        The layer's role, used in messages.
+        The layer's role (a method may define roles of its own), used in messages.
+    allow_empty : bool
+        Accept a layer with nothing drawn (a layer that is empty on one
+        image of several); by default an empty layer is refused.
 
     Raises
     ------
     AnnotationError
         If the shape differs from the image's, the values are not
-        non-negative integers, or nothing is drawn.
+        non-negative integers, or nothing is drawn (unless ``allow_empty``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> validate_drawing(np.array([[0, 1], [2, 0]], np.uint8), (2, 2)).dtype
+    dtype('int64')
+    >>> validate_drawing(np.zeros((2, 2), np.uint8), (2, 2), "layer", allow_empty=True).any()
+    np.False_
     """
-    role = Role(role)
+    role = role.value if isinstance(role, Role) else str(role)
     drawing = np.asarray(drawing)
     if drawing.shape != tuple(spatial_shape):
         hint = ""
         if drawing.ndim == len(spatial_shape) - 1:
             hint = " It looks like a 2D drawing on a stack: draw in a Labels layer with the stack's shape."
         raise AnnotationError(
-            f"{role.value} drawing {name!r} has shape {drawing.shape} but the image is "
+            f"{role} drawing {name!r} has shape {drawing.shape} but the image is "
             f"{tuple(spatial_shape)}; drawings must have the image's shape.{hint}"
         )
     if drawing.dtype == bool:
@@ -179,29 +195,23 @@ def validate_drawing(
     elif np.issubdtype(drawing.dtype, np.floating):
         if not np.isfinite(drawing).all() or not np.array_equal(drawing, np.round(drawing)):
             raise AnnotationError(
-                f"{role.value} drawing {name!r} holds non-integer values; labels are "
+                f"{role} drawing {name!r} holds non-integer values; labels are "
                 "whole numbers 0..K. Save it as an integer (Labels) image."
             )
     elif not np.issubdtype(drawing.dtype, np.integer):
-        raise AnnotationError(f"{role.value} drawing {name!r} has dtype {drawing.dtype}; expected integers.")
+        raise AnnotationError(f"{role} drawing {name!r} has dtype {drawing.dtype}; expected integers.")
     drawing = drawing.astype(np.int64, copy=False)
     if drawing.size and drawing.min() < 0:
         raise AnnotationError(
-            f"{role.value} drawing {name!r} holds negative values ({drawing.min()}); "
+            f"{role} drawing {name!r} holds negative values ({drawing.min()}); "
             "use 0 for 'not annotated' and 1..K for classes."
         )
-    if not drawing.any():
+    if not allow_empty and not drawing.any():
         raise AnnotationError(
-            f"{role.value} drawing {name!r} is empty: nothing is drawn. Paint some pixels "
+            f"{role} drawing {name!r} is empty: nothing is drawn. Paint some pixels "
             "or remove the layer from the training inputs."
         )
     return drawing
-
-
-def infer_n_classes(positive=(), negative=(), partial=(), strong=()) -> int:
-    """Number of object classes K: the largest label value over all drawings."""
-    values = [int(np.max(d)) for group in (positive, negative, partial, strong) for d in group]
-    return max(values, default=0)
 
 
 def positive_target(drawing: np.ndarray) -> np.ndarray:
@@ -217,30 +227,6 @@ def background_target(drawing: np.ndarray) -> np.ndarray:
 def negative_target(drawing: np.ndarray) -> np.ndarray:
     """Target of a negative layer: the excluded class k where drawn, -1 elsewhere."""
     return np.where(drawing > 0, drawing, UNANNOTATED).astype(np.int64)
-
-
-@dataclass
-class CoarseDrawings:
-    """Validated drawings of one image, ready for training.
-
-    Attributes
-    ----------
-    image : ndarray
-        (Y, X), (Z, Y, X), (Y, X, C) or (Z, Y, X, C).
-    rgb : bool
-        Whether the last axis of ``image`` holds channels.
-    positive, negative, background : list of ndarray
-        Drawing layers, each of the image's spatial shape.
-    n_classes : int
-        Number of object classes K (background excluded).
-    """
-
-    image: np.ndarray
-    rgb: bool = False
-    positive: list = field(default_factory=list)
-    negative: list = field(default_factory=list)
-    background: list = field(default_factory=list)
-    n_classes: int = 0
 
 
 @dataclass
@@ -340,6 +326,31 @@ def simulate(
     Everything is computed with a few Euclidean distance transforms and
     per-label reductions: no loop over objects or pixels.
     """
+    labels = _checked_full_mask(labels, instances)
+    if not 0 < partial_fraction <= 1:
+        raise AnnotationError(f"partial_fraction must be in (0, 1], got {partial_fraction}")
+    low, high = _parse_range(erode, "erode")
+    if margin < 0:
+        raise AnnotationError(f"margin must be non-negative, got {margin}")
+
+    instance_mask, class_mask = _instance_and_class_masks(labels, instances)
+    distance = _distance_inside_objects(instance_mask)
+    # Positive: pixels deeper than the object's own random radius.
+    rng = np.random.default_rng(seed)
+    radius_of_object = rng.uniform(low, high, size=int(instance_mask.max()) + 1)
+    positive = np.where(distance > radius_of_object[instance_mask], class_mask, 0)
+
+    dtype = label_dtype(int(class_mask.max()))
+    return SimulatedDrawings(
+        positive=positive.astype(dtype),
+        negative=_negative_beyond(class_mask, margin).astype(dtype),
+        partial=_innermost_fraction(instance_mask, class_mask, distance, partial_fraction).astype(dtype),
+        classes=class_mask.astype(dtype),
+    )
+
+
+def _checked_full_mask(labels, instances: bool) -> np.ndarray:
+    """``labels`` as an int64 class or instance mask, or an :class:`AnnotationError` saying what is wrong."""
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3):
         raise AnnotationError(f"labels must be 2-D or 3-D, got shape {labels.shape}")
@@ -359,27 +370,18 @@ def simulate(
             f"labels hold {n_values} distinct values; if this is an instance mask "
             "(one value per object), pass instances=True (--instances on the command line)."
         )
-    if not 0 < partial_fraction <= 1:
-        raise AnnotationError(f"partial_fraction must be in (0, 1], got {partial_fraction}")
-    low, high = _parse_range(erode, "erode")
-    if margin < 0:
-        raise AnnotationError(f"margin must be non-negative, got {margin}")
+    return labels.astype(np.int64)
 
-    labels = labels.astype(np.int64)
-    instance_mask, class_mask = _instance_and_class_masks(labels, instances)
-    distance = _distance_inside_objects(instance_mask)
 
-    # Positive: pixels deeper than the object's own random radius.
-    rng = np.random.default_rng(seed)
-    radius_of_object = rng.uniform(low, high, size=int(instance_mask.max()) + 1)
-    positive = np.where(distance > radius_of_object[instance_mask], class_mask, 0)
+def _negative_beyond(class_mask: np.ndarray, margin: float) -> np.ndarray:
+    """"Not k" wherever a pixel is farther than ``margin`` from class k, naming the nearest such class.
 
-    # Negative: per class, the complement of its dilation by `margin`; each
-    # pixel gets the nearest class it is not. One EDT per class.
-    n_classes = int(class_mask.max())
-    nearest_distance = np.full(labels.shape, np.inf)
-    negative = np.zeros(labels.shape, dtype=np.int64)
-    for k in range(1, n_classes + 1):  # loop over classes, not objects
+    Per class, the complement of its dilation by ``margin``: one Euclidean
+    distance transform per class.
+    """
+    nearest_distance = np.full(class_mask.shape, np.inf)
+    negative = np.zeros(class_mask.shape, dtype=np.int64)
+    for k in range(1, int(class_mask.max()) + 1):  # loop over classes, not objects
         in_class = class_mask == k
         if not in_class.any():
             continue
@@ -387,9 +389,15 @@ def simulate(
         eligible = (distance_to_class > margin) & (distance_to_class < nearest_distance)
         negative[eligible] = k
         nearest_distance = np.where(eligible, distance_to_class, nearest_distance)
+    return negative
 
-    # Partial: the innermost fraction of each object, by rank of depth inside
-    # the object (a lexicographic sort groups pixels by object).
+
+def _innermost_fraction(instance_mask, class_mask, distance, fraction: float) -> np.ndarray:
+    """The innermost ``fraction`` of each object's area (by ``distance`` inside it), labelled by class.
+
+    Pixels are ranked by depth within their object: one lexicographic sort
+    groups them by object, deepest first, with no loop over objects.
+    """
     flat_ids = instance_mask.ravel()
     object_pixels = np.flatnonzero(flat_ids)
     order = object_pixels[np.lexsort((-distance.ravel()[object_pixels], flat_ids[object_pixels]))]
@@ -397,15 +405,7 @@ def simulate(
     first_of_object = np.searchsorted(sorted_ids, sorted_ids, side="left")
     rank = np.arange(order.size) - first_of_object
     counts = np.bincount(flat_ids, minlength=int(flat_ids.max()) + 1)
-    keep = rank < np.maximum(1, np.round(partial_fraction * counts[sorted_ids]))
-    partial = np.zeros(labels.size, dtype=np.int64)
+    keep = rank < np.maximum(1, np.round(fraction * counts[sorted_ids]))
+    partial = np.zeros(instance_mask.size, dtype=np.int64)
     partial[order[keep]] = class_mask.ravel()[order[keep]]
-    partial = partial.reshape(labels.shape)
-
-    dtype = label_dtype(n_classes)
-    return SimulatedDrawings(
-        positive=positive.astype(dtype),
-        negative=negative.astype(dtype),
-        partial=partial.astype(dtype),
-        classes=class_mask.astype(dtype),
-    )
+    return partial.reshape(instance_mask.shape)

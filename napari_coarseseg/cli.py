@@ -2,9 +2,11 @@
 
 Every sub-command is a thin wrapper around a Python function of the core, so
 ``coarseseg train ...`` and :func:`napari_coarseseg.train_refineseg` do the
-same thing. Errors print one line on stderr and exit with status 1 (2 for
-misuse of the command line, as argparse does); outputs are written only when
-everything succeeded.
+same thing. ``--method`` and the drawing options (``--positive``,
+``--partial``, ...) come from the method registry
+(:data:`napari_coarseseg.methods.METHODS`). Errors print one line on stderr
+and exit with status 1 (2 for misuse of the command line, as argparse does);
+outputs are written only when everything succeeded.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .annotations import AnnotationError
 from .io import InputError, StagedWrites, match_by_name, read_tiff, resolve_inputs, write_all
+from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method
 from .model_io import ModelFileError
 
 #: Exceptions that mean "the user's input is wrong": reported in one line.
@@ -63,27 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a model. IMAGE and drawings are TIFFs of identical shape, or "
                                        "folders of TIFFs matched by file name.")
     train.add_argument("image", help="training image TIFF or folder of TIFFs")
-    train.add_argument("--method", choices=["refineseg", "recursive"], default="refineseg",
-                       help="refineseg (positive/negative drawings, default) or recursive (partial masks "
-                            "plus a few exact masks)")
-    train.add_argument("--positive", action="append", default=[], metavar="P.tif",
-                       help="positive drawing (k = 'this is class k'); repeat for several annotators")
-    train.add_argument("--negative", action="append", default=[], metavar="N.tif",
-                       help="negative drawing (k = 'this is not class k'); repeatable")
-    train.add_argument("--background", action="append", default=[], metavar="B.tif",
-                       help="background drawing (non-zero = background); repeatable")
-    train.add_argument("--partial", metavar="PM.tif",
-                       help="recursive: partial masks (k = rough inner region of an object of class k)")
-    train.add_argument("--strong", metavar="S.tif",
-                       help="recursive: exact masks; an image or slice counts as labelled iff it has a "
-                            "non-zero pixel")
-    train.add_argument("--separation", metavar="T.tif",
-                       help="recursive: scribbles (non-zero) on interfaces between touching objects")
+    train.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                       help="; ".join(f"{method.name}: {method.title}" for method in METHODS.values())
+                       + f" (default {DEFAULT_METHOD})")
+    # One option per drawing role of the registered methods, e.g. --positive, --partial.
+    for role, takers in drawing_roles().items():
+        several = any(taker.several for _, taker in takers)
+        train.add_argument(f"--{role}", action="append", default=[], metavar=f"{role.upper()}.tif",
+                           help=f"{' and '.join(method.name for method, _ in takers)}: {takers[0][1].meaning}"
+                           + ("; repeat for several annotators" if several else ""))
     train.add_argument("--out", required=True, help="model file to write (.safetensors)")
     train.add_argument("--preset", help="settings preset from models/ or a JSON file (default: the method's)")
     train.add_argument("--steps", type=int,
-                       help="training steps (recursive: steps per iteration; default from the preset)")
-    train.add_argument("--iterations", type=int, help="recursive: number of iterations K (default from the preset)")
+                       help="training steps (per iteration where a method has iterations; default from the preset)")
+    train.add_argument("--iterations", type=int,
+                       help="iterations K of methods that have them (recursive; default from the preset)")
     train.add_argument("--classes", type=int, help="number of classes K (default: the largest drawn value)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
@@ -166,29 +163,16 @@ def cmd_simulate(args) -> int:
 
 
 def _load_training_set(args):
-    """The training images and, per role, its layers matched to the images (None where missing)."""
+    """The training images and, per role given, its layers matched to the images (None where missing)."""
     image_files = resolve_inputs(args.image)
     images = [read_tiff(p) for p in image_files]
 
     def layer(path, role):
         return [None if p is None else read_tiff(p) for p in match_by_name(image_files, path, role)]
 
-    roles = {"positive": args.positive, "negative": args.negative, "background": args.background,
-             "partial": [args.partial] if args.partial else [], "strong": [args.strong] if args.strong else [],
-             "separation": [args.separation] if args.separation else []}
-    return image_files, images, {role: [layer(p, role) for p in paths] for role, paths in roles.items()}
-
-
-def _check_roles(method: str, layers: dict) -> None:
-    """Refuse drawings that belong to the other method, naming the right option."""
-    other = ("partial", "strong", "separation") if method == "refineseg" else ("positive", "negative", "background")
-    given = [f"--{role}" for role in other if layers[role]]
-    if given:
-        right = "recursive" if method == "refineseg" else "refineseg"
-        raise InputError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --method {right}, "
-                         f"not {method}")
-    if method == "recursive" and not layers["partial"]:
-        raise InputError("--method recursive needs --partial PM.tif (and --strong S.tif on a few images)")
+    given = {role: getattr(args, role) for role in drawing_roles() if getattr(args, role)}
+    check_roles(get_method(args.method), given, spell=lambda role: f"--{role}")
+    return image_files, images, {role: [layer(p, role) for p in paths] for role, paths in given.items()}
 
 
 def checkpoint_path(model_path) -> Path:
@@ -197,34 +181,18 @@ def checkpoint_path(model_path) -> Path:
     return model_path.with_name(model_path.name + ".checkpoint")
 
 
-def _start_training(args, config, images, layers, names):
-    """The training generator of the chosen method."""
-    common = dict(config=config, n_classes=args.classes, seed=args.seed, device=args.device, names=names,
-                  checkpoint=checkpoint_path(args.out), resume=args.resume)
-    if args.method == "recursive":
-        from .recursive import train_recursive
-
-        def first(role):
-            return layers[role][0] if layers[role] else None
-
-        return train_recursive(images, first("partial"), first("strong"), first("separation"), **common)
-    from .refineseg import train_refineseg
-
-    return train_refineseg(images, layers["positive"], layers["negative"], layers["background"], **common)
-
-
 def cmd_train(args) -> int:
     from .model_io import save_model
     from .training import load_preset, run_to_end
 
+    method = get_method(args.method)
     out = _output_path(args.out, ".safetensors")
     evolution_path = _output_path(args.evolution) if args.evolution else None
-    config = load_preset(args.preset or args.method)
+    config = load_preset(args.preset or method.preset)
     config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every)
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
     image_files, images, layers = _load_training_set(args)
-    _check_roles(args.method, layers)
     if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
         raise InputError("--evolution needs a folder when training on a folder of images")
 
@@ -235,11 +203,13 @@ def cmd_train(args) -> int:
         if event.masks is not None:
             evolution.append(event.masks)
 
-    total = config.steps * (config.iterations if args.method == "recursive" else 1)
-    progress = _Progress(total, args.quiet, "training")
+    config = config.validate()
+    progress = _Progress(method.total_steps(config), args.quiet, "training")
     try:
-        model = run_to_end(_start_training(args, config.validate(), images, layers, [p.name for p in image_files]),
-                           collect)
+        training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
+                                device=args.device, names=[p.name for p in image_files],
+                                checkpoint=checkpoint_path(out), resume=args.resume)
+        model = run_to_end(training, collect)
     finally:
         progress.close()
     outputs = {}
@@ -253,15 +223,12 @@ def cmd_train(args) -> int:
     save_model(model, out)
     checkpoint_path(out).unlink(missing_ok=True)  # the run is complete
     summary = model.card["training"]
-    done = (f"{summary['iterations']} iterations of {summary['steps_per_iteration']} steps"
-            if args.method == "recursive" else f"{summary['steps']} steps")
-    print(f"wrote {out} ({done} in {summary['seconds']:.1f} s on {summary['device']})")
+    print(f"wrote {out} ({method.describe_length(config)} in {summary['seconds']:.1f} s on {summary['device']})")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .inference import predict
-    from .model_io import load_model
+    from .methods import load_model, predict
 
     model = load_model(args.model)
     image_files = resolve_inputs(args.image)
@@ -280,7 +247,7 @@ def cmd_predict(args) -> int:
 
     # All outputs appear together at the end, or none if any image fails.
     with StagedWrites() as staged:
-        for file, target in tqdm(list(zip(image_files, targets)), desc="predicting", unit="image",
+        for file, target in tqdm(list(zip(image_files, targets, strict=True)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
             prediction = predict(model, read_tiff(file), device=args.device, name=file.name,
                                  keep_probabilities=bool(args.probabilities))

@@ -1,7 +1,9 @@
-"""Training data: normalisation, slicing of stacks, patch sampling, augmentation.
+"""Training data: the training images as planes, normalisation, patch sampling, augmentation.
 
 Images enter as (Y, X), (Z, Y, X), (Y, X, C) or (Z, Y, X, C) NumPy arrays and
 leave as lists of (C, Y, X) float32 planes: stacks are handled slice by slice.
+:class:`TrainingImages` does this once for every method, and checks each
+drawing layer against the image it belongs to.
 """
 
 from __future__ import annotations
@@ -9,12 +11,126 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .annotations import AnnotationError, is_lazy, is_rgb, spatial_shape, validate_drawing, validate_image
+
 __all__ = [
+    "TrainingImages",
+    "one_per_image",
     "normalize",
+    "iter_normalized_planes",
     "to_planes",
+    "to_slices",
     "PatchSampler",
     "augment",
 ]
+
+
+def one_per_image(layer, n_images: int, role: str) -> list:
+    """One drawing layer as one array (or None) per training image.
+
+    ``layer`` is None (no layer), an array (the layer of a single image) or a
+    list with one array or None per image.
+    """
+    if layer is None:
+        return [None] * n_images
+    per_image = [layer] if isinstance(layer, np.ndarray) or not isinstance(layer, (list, tuple)) else list(layer)
+    if len(per_image) != n_images:
+        raise AnnotationError(
+            f"the {role} layer gives {len(per_image)} arrays for {n_images} images; "
+            "give one array per image (None where an image has none)."
+        )
+    return per_image
+
+
+class TrainingImages:
+    """The training images of a run: validated, normalised, cut into (C, Y, X) planes.
+
+    Parameters
+    ----------
+    images : ndarray or list of ndarray
+        (Y, X) images, (Z, Y, X) stacks (slice by slice) or colour images.
+    rgb : bool, optional
+        Whether the last axis holds colour channels (guessed when omitted).
+    names : list of str, optional
+        Image names used in messages.
+
+    Attributes
+    ----------
+    planes : list of ndarray
+        (C, Y, X) normalised planes, the slices of all images in order.
+    plane_of_image : list of list of int
+        Indices into ``planes`` of each image's slices.
+    image_shapes : list of tuple
+        Spatial shape of each image.
+    rgb : bool
+    channels : int
+    names : list of str
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> images = TrainingImages([np.zeros((4, 8, 8)), np.ones((8, 8))])
+    >>> len(images.planes), images.plane_of_image
+    (5, [[0, 1, 2, 3], [4]])
+    """
+
+    def __init__(self, images, rgb: bool | None = None, names=None):
+        if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise AnnotationError("no training image was given")
+        self.names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+        if len(self.names) != len(images):
+            raise AnnotationError(f"{len(self.names)} names for {len(images)} images; give one name per image.")
+        images = [validate_image(im, name, rgb) for im, name in zip(images, self.names, strict=True)]
+        self.rgb = is_rgb(images[0]) if rgb is None else bool(rgb)
+        self.channels = images[0].shape[-1] if self.rgb else 1
+        for im, name in zip(images, self.names, strict=True):
+            channels = im.shape[-1] if self.rgb else 1
+            if channels != self.channels:
+                raise AnnotationError(f"{name} has {channels} channels, {self.names[0]} has {self.channels}; "
+                                      "all training images need the same channels.")
+        self.planes, self.plane_of_image, self.image_shapes = [], [], []
+        for im in images:
+            start = len(self.planes)
+            self.planes.extend(to_planes(normalize(im, rgb=self.rgb), self.rgb))
+            self.plane_of_image.append(list(range(start, len(self.planes))))
+            self.image_shapes.append(spatial_shape(im, self.rgb))
+
+    def __len__(self) -> int:
+        return len(self.image_shapes)
+
+    def check_layer(self, layer, role: str, label: str | None = None) -> list[np.ndarray | None]:
+        """One layer validated against every image: an int64 array per image, None where nothing is drawn.
+
+        ``layer`` as :func:`one_per_image` takes it; ``label`` names the
+        layer in messages (default: the role).
+        """
+        checked = []
+        for drawing, shape, name in zip(one_per_image(layer, len(self), role), self.image_shapes, self.names,
+                                        strict=True):
+            if drawing is not None:
+                drawing = validate_drawing(drawing, shape, f"{label or role} of {name}", role, allow_empty=True)
+            checked.append(drawing if drawing is not None and drawing.any() else None)
+        return checked
+
+    def per_plane(self, per_image: list) -> list:
+        """Per-image arrays (or None) cut into per-plane arrays (or None), in the order of ``planes``."""
+        out = []
+        for array, shape in zip(per_image, self.image_shapes, strict=True):
+            if array is None:
+                out.extend([None] * (1 if len(shape) == 2 else shape[0]))
+            else:
+                out.extend(to_slices(array, len(shape)))
+        return out
+
+    def masks_per_image(self, plane_labels: list[np.ndarray]) -> list[np.ndarray]:
+        """Regroup per-plane label arrays into one array per image."""
+        out = []
+        for planes, shape in zip(self.plane_of_image, self.image_shapes, strict=True):
+            stacked = np.stack([plane_labels[i] for i in planes])
+            out.append(stacked[0] if len(shape) == 2 else stacked)
+        return out
 
 
 def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, rgb: bool = False) -> np.ndarray:
@@ -67,8 +183,6 @@ def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: boo
     AnnotationError
         If a slice holds NaN or infinite values.
     """
-    from .annotations import AnnotationError, is_lazy
-
     if not is_lazy(image):
         yield from to_planes(normalize(image, low, high, rgb), rgb)
         return

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import simulate
-from .inference import predict
 from .io import write_all
+from .methods import predict
+from .methods.refineseg import train_refineseg
 from .model_io import atomic_write, save_model
-from .refineseg import train_refineseg
 from .samples import load_dsb_nuclei
 from .training import load_preset, run_to_end
 

@@ -1,9 +1,16 @@
-"""Inference: tiled prediction with overlap blending, for any image size.
+"""The inference engine: tiled prediction with overlap blending, for any image size, for every method.
 
-Large planes are cut into overlapping square tiles; each tile's class
-probabilities are weighted by a window that falls off linearly over the
-overlap, summed, and divided by the summed weights, so tile seams vanish.
-Stacks are predicted slice by slice.
+Large planes are cut into overlapping square tiles; each tile's maps (class
+probabilities, and whatever else a method asks the network for) are weighted
+by a window that falls off linearly over the overlap, summed, and divided by
+the summed weights, so tile seams vanish:
+
+    M(i) = sum_t w_t(i) M_t(i) / sum_t w_t(i)
+
+Stacks are predicted slice by slice, lazy arrays (dask, zarr, memmap) read
+one slice at a time. The engine knows no method: a method turns the blended
+maps into labels (``napari_coarseseg.methods``), and
+:func:`napari_coarseseg.predict` picks the method a model was trained with.
 """
 
 from __future__ import annotations
@@ -14,19 +21,23 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .annotations import AnnotationError, label_dtype, validate_image
+from .annotations import AnnotationError, validate_image
 from .data import iter_normalized_planes
 from .networks import fold_batch_norm
 from .training import autocast, select_device, use_channels_last
 
 __all__ = [
     "Prediction",
-    "predict",
+    "TILE_SIZE",
     "predict_planes",
+    "iter_predict_planes",
+    "softmax_maps",
     "tile_starts",
     "blend_window",
-    "estimate_class_prior",
-    "adjust_to_prior",
+    "check_image_for_model",
+    "is_colour_image",
+    "assemble_planes",
+    "start_prediction",
 ]
 
 
@@ -42,9 +53,10 @@ class Prediction:
         Class probabilities, shape ``(K + 1, *spatial_shape)``; None when
         :func:`predict` was asked not to keep them.
     reliability : ndarray of float32 or None
-        Refineseg models: the heads' off-diagonal mass ``1 - trace(A) / L``
-        averaged over drawing layers, high where the model believes a coarse
-        drawing would be wrong. ``None`` for other methods.
+        A per-pixel map some methods add: for refineseg models the heads'
+        off-diagonal mass ``1 - trace(A) / L`` averaged over drawing layers,
+        high where the model believes a coarse drawing would be wrong.
+        ``None`` for other methods.
     """
 
     labels: np.ndarray
@@ -86,133 +98,86 @@ def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(x, (0, pad_x, 0, pad_y), mode=mode)
 
 
+def softmax_maps(output) -> torch.Tensor:
+    """The class probabilities of a network that returns logits, or ``(logits, ...)``: the default maps."""
+    logits = output[0] if isinstance(output, tuple) else output
+    return torch.softmax(logits.float(), dim=1)
+
+
 @torch.no_grad()
-def _forward_tiles(network, heads, tiles: torch.Tensor, device):
-    """Probabilities (B, L, h, w) and reliability (B, h, w) of a batch of tiles."""
+def _forward_tiles(network, tiles: torch.Tensor, device, maps) -> torch.Tensor:
+    """The (B, C, h, w) float32 maps of a batch of (B, channels, h, w) tiles."""
     h, w = tiles.shape[-2:]
     divisor = network.divisor
     padded = _pad_to(tiles, -(-h // divisor) * divisor, -(-w // divisor) * divisor).to(device)
     with autocast(device):
-        output = network(padded)
-    if isinstance(output, dict):
-        # A multi-task network: the softmax of every task (segmentation,
-        # approximation, separation if any), one after the other along the class axis.
-        probabilities = torch.cat([torch.softmax(logits.float(), dim=1) for logits in output.values()],
-                                  dim=1)[..., :h, :w]
-        return probabilities, None
-    logits, features = output
-    probabilities = torch.softmax(logits.float(), dim=1)[..., :h, :w]
-    reliability = None
-    if heads is not None and len(heads):
-        n_labels = probabilities.shape[1]
-        with autocast(device):
-            traces = [torch.diagonal(head(features).float(), dim1=1, dim2=2).sum(-1) for head in heads]
-        reliability = (1 - torch.stack(traces).mean(0) / n_labels)[..., :h, :w]
-    return probabilities, reliability
+        return maps(network(padded)).float()[..., :h, :w]
 
 
-def predict_planes(network, planes, device, heads=None, tile_size: int = TILE_SIZE, overlap: int = 64, batch_size: int = 4):
-    """Blend tiled predictions over normalised (C, Y, X) planes.
+def predict_planes(network, planes, device, maps=softmax_maps, tile_size: int = TILE_SIZE, overlap: int = 64,
+                   batch_size: int = 4) -> list[np.ndarray]:
+    """Blended tiled maps of normalised (C, Y, X) planes: a list of (M, Y, X) float32 arrays.
 
-    Returns
-    -------
-    probabilities : list of ndarray
-        (L, Y, X) float32 per plane.
-    reliability : list of ndarray or None
-        (Y, X) float32 per plane when ``heads`` are given.
+    See :func:`iter_predict_planes`.
     """
-    results = list(iter_predict_planes(network, planes, device, heads, tile_size, overlap, batch_size))
-    probabilities = [p for p, _ in results]
-    return probabilities, ([r for _, r in results] if heads is not None and len(heads) else None)
+    return list(iter_predict_planes(network, planes, device, maps, tile_size, overlap, batch_size))
 
 
-def iter_predict_planes(network, planes, device, heads=None, tile_size: int = TILE_SIZE, overlap: int = 64,
+def iter_predict_planes(network, planes, device, maps=softmax_maps, tile_size: int = TILE_SIZE, overlap: int = 64,
                         batch_size: int = 4):
-    """:func:`predict_planes` one plane at a time: yields ``(probabilities, reliability or None)``.
-
-    Only one plane's probabilities exist at a time, so a long stack costs the
-    memory of one slice (plus what the caller keeps).
-    """
-    # A folded, channels-last copy: the caller's network (training asks for previews mid-run) is left as it came.
-    network = use_channels_last(fold_batch_norm(network), device)
-    was_training = heads.training if heads is not None else False
-    if heads is not None:
-        heads.eval()
-    try:
-        for plane in planes:
-            _, height, width = plane.shape
-            tile_y, tile_x = min(tile_size, height), min(tile_size, width)
-            window = blend_window(tile_y, tile_x, overlap)
-            corners = [(y, x) for y in tile_starts(height, tile_y, overlap) for x in tile_starts(width, tile_x, overlap)]
-            n_labels = network.n_classes if hasattr(network, "n_classes") else None
-            total = None
-            weight = np.zeros((height, width), dtype=np.float32)
-            reliability = np.zeros((height, width), dtype=np.float32) if heads is not None and len(heads) else None
-            source = torch.from_numpy(plane)
-            for first in range(0, len(corners), batch_size):
-                chunk = corners[first : first + batch_size]
-                tiles = torch.stack([source[:, y : y + tile_y, x : x + tile_x] for y, x in chunk])
-                probabilities, tile_reliability = _forward_tiles(network, heads, tiles, device)
-                probabilities = probabilities.cpu().numpy()
-                if total is None:
-                    n_labels = probabilities.shape[1]
-                    total = np.zeros((n_labels, height, width), dtype=np.float32)
-                for i, (y, x) in enumerate(chunk):
-                    total[:, y : y + tile_y, x : x + tile_x] += probabilities[i] * window
-                    weight[y : y + tile_y, x : x + tile_x] += window
-                    if reliability is not None:
-                        reliability[y : y + tile_y, x : x + tile_x] += tile_reliability[i].cpu().numpy() * window
-            yield total / weight, (None if reliability is None else reliability / weight)
-    finally:
-        if heads is not None:
-            heads.train(was_training)
-
-
-def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior) -> np.ndarray:
-    """Re-weight class probabilities from the training prior to ``class_prior``.
-
-    ``p'(y|x) = p(y|x) * class_prior[y] / training_prior[y]``, renormalised
-    over the class axis (axis 0). This is the Bayes rule for a change of class
-    prior (logit adjustment).
-    """
-    ratio = np.asarray(class_prior, dtype=np.float64) / np.asarray(training_prior, dtype=np.float64)
-    shape = (-1,) + (1,) * (probabilities.ndim - 1)
-    adjusted = probabilities * ratio.reshape(shape).astype(np.float32)
-    return adjusted / np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
-
-
-def estimate_class_prior(probabilities, training_prior, iterations: int = 200, tol: float = 1e-6) -> np.ndarray:
-    """Class frequencies of images, by EM on a classifier's posteriors (Saerens et al. 2002).
+    """Yield, plane by plane, the network's per-pixel maps blended over overlapping tiles.
 
     Parameters
     ----------
-    probabilities : list of ndarray
-        (L, ...) posteriors of a classifier trained under ``training_prior``.
-    training_prior : array_like
-        The class prior the classifier's loss implies.
+    network : torch.nn.Module
+        A network with a ``divisor`` attribute (inputs are padded to a
+        multiple of it). Prediction runs on a copy with its batch norms folded
+        and in channels-last format, so the caller's network is left as it
+        came (training asks for previews mid-run).
+    planes : iterable of ndarray
+        Normalised (C, Y, X) planes.
+    device : torch.device
+    maps : callable
+        Turns the network's output on a batch of tiles into (B, M, h, w)
+        per-pixel maps to blend, e.g. class probabilities (the default,
+        :func:`softmax_maps`) with further maps stacked after them. Runs
+        under the device's autocast.
+    tile_size, overlap, batch_size : int
+        Square tiles of this side overlapping by at least ``overlap`` pixels,
+        ``batch_size`` tiles per forward pass.
 
-    Returns
-    -------
+    Yields
+    ------
     ndarray
-        The class prior that makes the adjusted posteriors' mean equal to it.
+        (M, Y, X) float32 per plane. Only one plane's maps exist at a time,
+        so a long stack costs the memory of one slice (plus what the caller
+        keeps).
     """
-    n_labels = probabilities[0].shape[0]
-    flat = np.concatenate([p.reshape(n_labels, -1) for p in probabilities], axis=1).astype(np.float64)
-    training_prior = np.asarray(training_prior, dtype=np.float64)
-    prior = training_prior.copy()
-    for _ in range(iterations):
-        adjusted = flat * (prior / training_prior)[:, None]
-        adjusted /= np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
-        new_prior = np.clip(adjusted.mean(axis=1), 1e-6, None)
-        new_prior /= new_prior.sum()
-        if np.abs(new_prior - prior).max() < tol:
-            prior = new_prior
-            break
-        prior = new_prior
-    return prior
+    network = use_channels_last(fold_batch_norm(network), device)
+    for plane in planes:
+        _, height, width = plane.shape
+        tile_y, tile_x = min(tile_size, height), min(tile_size, width)
+        window = blend_window(tile_y, tile_x, overlap)
+        corners = [(y, x) for y in tile_starts(height, tile_y, overlap) for x in tile_starts(width, tile_x, overlap)]
+        total = None
+        weight = np.zeros((height, width), dtype=np.float32)
+        source = torch.from_numpy(plane)
+        for first in range(0, len(corners), batch_size):
+            chunk = corners[first : first + batch_size]
+            tiles = torch.stack([source[:, y : y + tile_y, x : x + tile_x] for y, x in chunk])
+            tile_maps = _forward_tiles(network, tiles, device, maps).cpu().numpy()
+            if total is None:
+                total = np.zeros((tile_maps.shape[1], height, width), dtype=np.float32)
+            # A loop over the tiles of a batch (a few), each added in one vectorised operation.
+            for i, (y, x) in enumerate(chunk):
+                total[:, y : y + tile_y, x : x + tile_x] += tile_maps[i] * window
+                weight[y : y + tile_y, x : x + tile_x] += window
+        yield total / weight
 
 
-def _check_image_for_model(image, model, name: str):
+def check_image_for_model(image, model, name: str = "image"):
+    """``image`` validated (:func:`~napari_coarseseg.annotations.validate_image`) and checked against the
+    channels ``model`` was trained on; raises :class:`~napari_coarseseg.annotations.AnnotationError`."""
     image = validate_image(image, name, rgb=model.rgb if model.channels > 1 else False)
     channels = image.shape[-1] if model.rgb else 1
     if model.rgb and channels != model.channels:
@@ -235,68 +200,25 @@ def is_colour_image(image) -> bool:
     return image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 4
 
 
-def predict(model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64, batch_size: int = 4,
-            name: str = "image", prior_correction: bool = True, keep_probabilities: bool = True) -> Prediction:
-    """Segment an image (2-D, a (Z, Y, X) stack slice by slice, or RGB).
-
-    Parameters
-    ----------
-    model : Model
-        A trained model (:func:`napari_coarseseg.load_model`).
-    image : array_like
-        The image, normalised here as during training.
-    device : str
-        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
-    tile_size, overlap : int
-        Side of the square tiles and their overlap, in pixels.
-    batch_size : int
-        Tiles per forward pass.
-    name : str
-        How to call the image in error messages.
-    prior_correction : bool
-        Refineseg models: move the probabilities from the class prior the
-        loss implies (each drawing layer weighs the same) to the class
-        frequencies estimated on the training images (stored in the card).
-        ``False`` gives the plain argmax of p(y|x).
-    keep_probabilities : bool
-        Return the class probabilities. ``False`` keeps only labels (and
-        reliability) and streams the planes: memory stays at one slice's
-        probabilities however long the stack.
-
-    Returns
-    -------
-    Prediction
-    """
-    if overlap < 0 or overlap >= tile_size:
-        raise ValueError(f"overlap must be in [0, tile_size), got {overlap} with tile_size {tile_size}")
-    if model.method == "recursive":
-        from .recursive import predict_recursive
-
-        return predict_recursive(model, image, device=device, tile_size=tile_size, overlap=overlap,
-                                 batch_size=batch_size, name=name, keep_probabilities=keep_probabilities)
-    image = _check_image_for_model(image, model, name)
-    device = select_device(device)
-    model.to(device)
-    norm = model.card["normalisation"]
-    planes = iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)
-    prior = model.card.get("prior")
-    labels, probabilities, reliability = [], [], []
-    for plane_probabilities, plane_reliability in iter_predict_planes(model.network, planes, device, model.heads,
-                                                                      tile_size, overlap, batch_size):
-        if prior_correction and prior:
-            plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"])
-        labels.append(plane_probabilities.argmax(0).astype(label_dtype(model.n_classes)))
-        if keep_probabilities:
-            probabilities.append(plane_probabilities)
-        if plane_reliability is not None:
-            reliability.append(plane_reliability)
-    return _assemble(image, model, labels, probabilities or None, reliability or None)
-
-
-def _assemble(image, model, labels, probabilities=None, reliability=None) -> Prediction:
-    """Stack per-plane results (lists, one entry per plane) back into the image's layout."""
+def assemble_planes(image, model, labels, probabilities=None, reliability=None) -> Prediction:
+    """A :class:`Prediction` from per-plane results (lists, one entry per plane) in the image's layout."""
     single = image.ndim - (1 if model.rgb else 0) == 2
     labels = labels[0] if single else np.stack(labels)
     probs = None if probabilities is None else (probabilities[0] if single else np.stack(probabilities, axis=1))
     rel = None if reliability is None else (reliability[0] if single else np.stack(reliability))
     return Prediction(labels=labels, probabilities=probs, reliability=rel)
+
+
+def start_prediction(model, image, device="auto", name: str = "image"):
+    """What every method's prediction starts with: ``(image, device, planes)``.
+
+    The image checked against the model (:func:`check_image_for_model`), the
+    device resolved with the model moved there in evaluation mode, and the
+    image's (C, Y, X) planes normalised as in training (the card's
+    normalisation), read one at a time.
+    """
+    image = check_image_for_model(image, model, name)
+    device = select_device(device)
+    model.to(device).eval()
+    norm = model.card["normalisation"]
+    return image, device, iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)

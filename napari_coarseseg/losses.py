@@ -128,12 +128,10 @@ def refineseg_loss(
         ``total``, ``positive``, ``negative`` and ``regulariser`` tensors.
     """
     zero = probabilities.sum() * 0
-    positive = sum(
-        (positive_loss(probabilities, a, t, alpha, beta) for a, t in zip(positive_transitions, positive_targets)),
-        zero,
-    )
+    positive_pairs = zip(positive_transitions, positive_targets, strict=True)
+    positive = sum((positive_loss(probabilities, a, t, alpha, beta) for a, t in positive_pairs), zero)
     negative = sum(
-        (negative_loss(probabilities, a, t) for a, t in zip(negative_transitions, negative_targets)), zero
+        (negative_loss(probabilities, a, t) for a, t in zip(negative_transitions, negative_targets, strict=True)), zero
     )
     regulariser = transition_regulariser(positive_transitions) if positive_transitions else zero
     total = positive + negative + regulariser_weight * regulariser

@@ -6,6 +6,11 @@ so a single file travels by e-mail and describes itself. Loading parses JSON
 and raw tensors only: no code in the file is ever executed. Writes go to a
 temporary file in the same folder, then are renamed over the target, so a
 crash never leaves a half-written model.
+
+This module is the file format and knows no method: which network a card
+describes is the method's business, so :func:`napari_coarseseg.load_model`
+lives with the method registry (``napari_coarseseg.methods``) and calls
+:func:`read_card` and :func:`load_weights` here.
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .networks import TransitionHead, UNet
+from ._version import __version__
+from .training import models_dir
 
-__all__ = ["Model", "ModelFileError", "save_model", "load_model", "read_card", "atomic_write", "list_shipped_models",
-           "FORMAT_VERSION"]
+__all__ = ["Model", "ModelFileError", "make_card", "save_model", "read_card", "load_weights", "resolve_model_path",
+           "atomic_write", "publish", "list_shipped_models", "FORMAT_VERSION"]
 
 FORMAT_NAME = "napari-coarseseg-model"
 FORMAT_VERSION = 1
-METHODS = ("refineseg", "recursive")
 
 
 class ModelFileError(ValueError):
@@ -39,11 +44,12 @@ class Model:
 
     Attributes
     ----------
-    network : UNet
+    network : nn.Module
         The segmentation network.
     heads : nn.ModuleList
-        Transition heads of the refineseg method, one per drawing layer
-        (empty for other methods); used for the annotation-reliability map.
+        Extra modules of a method that are not part of the network, saved
+        with it (refineseg: the transition heads, one per drawing layer, used
+        for the annotation-reliability map); empty for other methods.
     card : dict
         The model card (see :func:`make_card`).
     """
@@ -86,9 +92,7 @@ class Model:
 
 
 def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: dict, **extra) -> dict:
-    """A model card with the fields every model file carries."""
-    from . import __version__
-
+    """A model card with the fields every model file carries, plus a method's ``extra`` fields."""
     card = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -103,27 +107,6 @@ def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: di
     }
     card.update(extra)
     return card
-
-
-def build_network(card: dict) -> tuple[nn.Module, nn.ModuleList]:
-    """Instantiate the (untrained) network and heads a card describes."""
-    net = card["network"]
-    kind = net.get("kind", "unet")
-    n_labels = card["n_classes"] + 1
-    if kind == "unet":
-        network = UNet(card["channels"], n_labels, int(net["base_channels"]), int(net["depth"]))
-    elif kind == "multitask":
-        from .multitask import MultiTaskUNet
-
-        network = MultiTaskUNet(card["channels"], n_labels, int(net["base_channels"]), int(net["depth"]),
-                                task_levels=int(net.get("task_levels", 2)),
-                                separation=bool(net.get("separation", False)))
-    else:
-        raise ModelFileError(f"unknown network kind {kind!r} in the model card")
-    heads = nn.ModuleList(
-        [TransitionHead(int(net["base_channels"]), n_labels) for _ in range(int(net.get("n_heads", 0)))]
-    )
-    return network, heads
 
 
 def _read_umask() -> int:
@@ -185,8 +168,8 @@ def _validate_card(card, path) -> dict:
             f"{path} has model format version {version!r}; this napari-coarseseg reads up to "
             f"{FORMAT_VERSION}. Upgrade napari-coarseseg."
         )
-    if card.get("method") not in METHODS:
-        raise ModelFileError(f"{path}: unknown method {card.get('method')!r}; expected one of {METHODS}")
+    if not isinstance(card.get("method"), str):
+        raise ModelFileError(f"{path}: card field 'method' must name a method, got {card.get('method')!r}")
     for key in ("n_classes", "channels"):
         if not isinstance(card.get(key), int) or card[key] < 1:
             raise ModelFileError(f"{path}: card field {key!r} must be a positive integer, got {card.get(key)!r}")
@@ -198,29 +181,29 @@ def _validate_card(card, path) -> dict:
 
 def list_shipped_models() -> list[str]:
     """Names of the trained models shipped in ``models/`` (accepted wherever a model path is)."""
-    from .training import _presets_dir
-
-    return sorted(p.stem for p in _presets_dir().glob("*.safetensors"))
+    return sorted(p.stem for p in models_dir().glob("*.safetensors"))
 
 
-def _model_path(path) -> Path:
+def resolve_model_path(path) -> Path:
     """``path`` itself, or the shipped model of that name; a clear error when neither exists."""
     path = Path(path)
     if path.is_file():
         return path
     if str(path) in list_shipped_models():
-        from .training import _presets_dir
-
-        return _presets_dir() / f"{path}.safetensors"
+        return models_dir() / f"{path}.safetensors"
     shipped = ", ".join(list_shipped_models()) or "none"
     raise ModelFileError(f"model file {str(path)!r} does not exist (models shipped with napari-coarseseg: {shipped})")
 
 
 def read_card(path) -> dict:
-    """Read and validate the card of a model file (or shipped model name) without loading weights."""
+    """Read and validate the card of a model file (or shipped model name) without loading weights.
+
+    The card's format is checked here; whether its method is one this
+    napari-coarseseg knows, :func:`napari_coarseseg.load_model` checks.
+    """
     from safetensors import SafetensorError, safe_open
 
-    path = _model_path(path)
+    path = resolve_model_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -233,34 +216,28 @@ def read_card(path) -> dict:
     return _validate_card(card, path)
 
 
-def load_model(path, device="cpu") -> Model:
-    """Load a model file: parse the card, build the network, load raw tensors.
-
-    ``path`` is a ``.safetensors`` file or the name of a model shipped in
-    ``models/`` (:func:`list_shipped_models`), e.g. ``"dsb2018-nuclei-refineseg"``.
+def load_weights(path, model: Model) -> Model:
+    """Fill ``model``, built from the card of ``path``, with the file's tensors.
 
     Raises
     ------
     ModelFileError
-        If the file is missing, not a safetensors file, carries no valid card,
-        or its tensors do not match the network the card describes.
+        If the tensors do not match the network and modules the card
+        describes, or hold NaN or infinite values.
     """
     from safetensors.torch import load_file
 
-    path = _model_path(path)
-    card = read_card(path)
-    network, heads = build_network(card)
+    path = resolve_model_path(path)
     state = load_file(str(path), device="cpu")
-    model = Model(network, heads, card)
     network_state = {k[len("network.") :]: v for k, v in state.items() if k.startswith("network.")}
     heads_state = {k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")}
     try:
-        network.load_state_dict(network_state, strict=True)
-        heads.load_state_dict(heads_state, strict=True)
+        model.network.load_state_dict(network_state, strict=True)
+        model.heads.load_state_dict(heads_state, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise ModelFileError(f"{path}: weights do not match the network its card describes ({first})") from None
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
-    return model.to(device).eval()
+    return model

@@ -1,17 +1,17 @@
-"""What both training methods share: configuration, presets, devices, events.
+"""What every training method shares: configuration, presets, devices, events.
 
 Training is a generator of :class:`TrainingEvent`: the caller (a terminal
 progress bar, a napari thread worker, a benchmark) pulls events and decides
 what to show; closing the generator cancels training. The trained
 :class:`~napari_coarseseg.model_io.Model` is the generator's return value
 (``StopIteration.value``; napari's ``thread_worker`` emits it as
-``returned``).
+``returned``). The loop that makes these events is
+:class:`napari_coarseseg.methods.TrainingLoop`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -24,10 +24,12 @@ __all__ = [
     "TrainingEvent",
     "load_preset",
     "list_presets",
+    "resolve_config",
     "select_device",
     "describe_device",
     "run_to_end",
     "seed_everything",
+    "models_dir",
 ]
 
 
@@ -73,7 +75,11 @@ class TrainingConfig:
         Recursive method: T1 also learns the certain pixels of the images
         that carry only partial masks (object inside the partial regions,
         background farther from every region than objects reach on the
-        exactly masked images); see ``RecursiveInputs.certain_target``.
+        exactly masked images); see ``RecursiveMasks.certain_target``.
+    prediction_gate : float
+        Recursive method: at prediction, T1's foreground counts only within
+        this many pixels of T2's regions (``final_growth``); stored in the
+        model card.
     """
 
     steps: int = 300
@@ -96,6 +102,7 @@ class TrainingConfig:
     epsilon_predict: float = 1.0
     task_weights: dict = field(default_factory=lambda: {"strong": 1.0, "partial": 1.0, "separation": 0.5})
     certain_pixels: bool = False
+    prediction_gate: float = 4.0
     checkpoint_every: int = 50
 
     def replace(self, **changes) -> "TrainingConfig":
@@ -118,6 +125,8 @@ class TrainingConfig:
             )
         if not 0 <= self.drawn_fraction <= 1:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
+        if not self.prediction_gate >= 0:
+            raise ValueError(f"prediction_gate must be >= 0 pixels (inf: no gate), got {self.prediction_gate}")
         return self
 
 
@@ -153,30 +162,48 @@ class TrainingEvent:
     message: str = ""
 
 
-def _presets_dir() -> Path:
-    """Folder of the presets: the repository's ``models/`` or its installed copy."""
+def models_dir() -> Path:
+    """Folder of the presets and shipped models: the repository's ``models/`` or its installed copy."""
     source_tree = Path(__file__).resolve().parent.parent / "models"
     if (source_tree / "refineseg.json").is_file():
         return source_tree
     return Path(str(resources.files("napari_coarseseg") / "models"))
 
 
-def list_presets() -> list[str]:
-    """Names of the presets shipped in ``models/``."""
-    return sorted(p.stem for p in _presets_dir().glob("*.json"))
+def _preset_method(path: Path) -> str | None:
+    return json.loads(path.read_text()).get("method")
+
+
+def list_presets(method: str | None = None) -> list[str]:
+    """Names of the presets shipped in ``models/``; with ``method``, those of that method only."""
+    paths = sorted(models_dir().glob("*.json"), key=lambda p: p.stem)
+    return [p.stem for p in paths if method is None or _preset_method(p) == method]
 
 
 def load_preset(name: str) -> TrainingConfig:
-    """Load a preset from ``models/`` by name (e.g. ``"refineseg"``) or from a JSON path."""
+    """Load a preset from ``models/`` by name (e.g. ``"refineseg"``) or from a JSON path.
+
+    Examples
+    --------
+    >>> load_preset("refineseg").steps
+    300
+    """
     path = Path(name)
     if not path.is_file():
-        path = _presets_dir() / f"{name}.json"
+        path = models_dir() / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
     settings = json.loads(path.read_text())
     settings.pop("description", None)
     settings.pop("method", None)
     return TrainingConfig().replace(**settings).validate()
+
+
+def resolve_config(config: TrainingConfig | str | None, preset: str, overrides: dict) -> TrainingConfig:
+    """The settings of a run: ``config`` (settings, a preset name, or None for ``preset``) with ``overrides``."""
+    if config is None or isinstance(config, str):
+        config = load_preset(config or preset)
+    return config.replace(**overrides).validate()
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -232,10 +259,8 @@ CHANNELS_LAST = True
 def use_channels_last(module: torch.nn.Module, device: torch.device, on: bool = True) -> torch.nn.Module:
     """Channels-last weights on CPU and CUDA (faster convolutions), back to the default with ``on=False``.
 
-    Measured on 2 CPU threads, U-Net of the presets: a training step on 12
-    patches of 96 x 96 takes 241-260 ms contiguous, 208-210 ms channels-last;
-    a forward pass on four 256 x 256 tiles 207 ms and 137 ms. Saved weights do
-    not depend on it (``state_dict`` gives the same values).
+    ``benchmarks/speed.py`` measures both formats. Saved weights do not
+    depend on it (``state_dict`` gives the same values).
     """
     if device.type in ("cpu", "cuda"):
         channels_last = on and CHANNELS_LAST
@@ -259,7 +284,3 @@ def run_to_end(generator, callback=None):
         if callback is not None:
             callback(event)
 
-
-def cpu_threads() -> int:
-    """Threads torch uses on the CPU (respects ``OMP_NUM_THREADS``)."""
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

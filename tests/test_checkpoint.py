@@ -79,7 +79,7 @@ def test_recursive_resumed_run_matches_with_its_approximations(crop, tmp_path):
                          lambda e: resumed_masks.append(e.masks) if e.masks is not None else None)
     assert max_difference(uninterrupted, resumed) <= TOLERANCE
     assert len(resumed_masks) == 2  # iterations 2 and 3
-    for a, b in zip(masks[-1], resumed_masks[-1]):
+    for a, b in zip(masks[-1], resumed_masks[-1], strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from napari_coarseseg import AnnotationError, predict
-from napari_coarseseg.inference import adjust_to_prior, blend_window, tile_starts
+from napari_coarseseg.inference import blend_window, tile_starts
+from napari_coarseseg.methods.refineseg import adjust_to_prior
 from napari_coarseseg.model_io import Model, make_card
 from napari_coarseseg.networks import TransitionHead
 
@@ -100,8 +101,8 @@ def test_tile_layout_covers_the_image():
             assert 0 <= s and s + min(tile, length) <= length
         assert covered.all()
         if len(starts) > 1:
-            assert min(b - a for a, b in zip(starts, starts[1:])) > 0
-            assert max(a + tile - b for a, b in zip(starts, starts[1:])) >= overlap
+            assert min(b - a for a, b in zip(starts[:-1], starts[1:], strict=True)) > 0
+            assert max(a + tile - b for a, b in zip(starts[:-1], starts[1:], strict=True)) >= overlap
     window = blend_window(16, 12, 3)
     assert window.shape == (16, 12) and (window > 0).all() and window.max() == 1.0
     assert window[0, 0] < window[1, 1] < window[2, 2] < window[3, 3] == 1.0  # linear ramp over the overlap

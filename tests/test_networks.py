@@ -134,7 +134,9 @@ def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_network_alone(mak
     network.eval()
     with torch.no_grad():
         expected, actual = network(x), folded(x)
-    pairs = (zip(expected.values(), actual.values()) if isinstance(expected, dict) else zip(expected, actual))
+    if isinstance(expected, dict):
+        expected, actual = list(expected.values()), list(actual.values())
+    pairs = zip(expected, actual, strict=True)
     for e, a in pairs:
         assert e.abs().max() > 0.01  # not a trivial all-zero output
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

@@ -8,9 +8,10 @@ import torch
 
 from napari_coarseseg import load_model, predict, run_to_end, save_model, simulate
 from napari_coarseseg.annotations import AnnotationError
+from napari_coarseseg.data import TrainingImages
 from napari_coarseseg.demo import dice
+from napari_coarseseg.methods.recursive import RecursiveMasks, final_growth, train_recursive
 from napari_coarseseg.multitask import MultiTaskUNet
-from napari_coarseseg.recursive import RecursiveInputs, final_growth, train_recursive
 
 TINY = dict(steps=20, iterations=4, base_channels=8, depth=2, patch_size=32, batch_size=4, device="cpu")
 
@@ -84,7 +85,7 @@ def test_approximations_only_grow_and_gain_dice(recursive_run, partial_discs):
     _, events = recursive_run
     _, mask, _ = partial_discs
     evolution = [e.masks[1] for e in events if e.masks is not None]  # the image without exact mask
-    for before, after in zip(evolution, evolution[1:]):
+    for before, after in zip(evolution[:-1], evolution[1:], strict=True):
         assert np.all(after[before > 0] == before[before > 0])
     scores = [dice(m > 0, mask > 0) for m in evolution]
     assert scores[-1] - scores[0] >= 0.2, scores
@@ -112,7 +113,8 @@ def test_seeded_runs_are_reproducible(partial_discs):
     image, mask, partial = partial_discs
     settings = dict(TINY, steps=3, iterations=2)
     runs = [run_to_end(train_recursive(image, partial, mask, seed=5, **settings)) for _ in range(2)]
-    for a, b in zip(runs[0].network.state_dict().values(), runs[1].network.state_dict().values()):
+    for a, b in zip(runs[0].network.state_dict().values(), runs[1].network.state_dict().values(),
+                    strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -140,7 +142,7 @@ def test_separation_task_targets_and_head(partial_discs):
     image, mask, partial = partial_discs
     scribbles = np.zeros_like(mask)
     scribbles[30:34, 30:34] = 1
-    inputs = RecursiveInputs(image, partial, mask, scribbles)
+    inputs = RecursiveMasks(TrainingImages(image), partial, mask, scribbles)
     assert inputs.has_separation
     target = inputs.targets()[2][0]
     assert (target[scribbles > 0] == 1).all()
@@ -202,7 +204,7 @@ def test_certain_pixels_for_t1_follow_the_reach_measured_on_the_exact_masks():
     partial = (radius <= 4).astype(np.uint8)
     other_partial = np.zeros_like(partial)
     other_partial[2:5, 2:5] = 1  # an image with partial masks only, a 3 x 3 region in a corner
-    inputs = RecursiveInputs([exact.astype(np.float32)] * 2, [partial, other_partial], [exact, None])
+    inputs = RecursiveMasks(TrainingImages([exact.astype(np.float32)] * 2), [partial, other_partial], [exact, None])
     distance_to_partial = np.hypot(yy - 24, xx - 24)[exact > 0].max() - 4  # by hand: 8 - 4, up to the grid
     assert inputs.object_reach() == pytest.approx(distance_to_partial, abs=0.5)
     assert inputs.certain_target(0, 4.0) is None  # the exactly masked image keeps its exact mask

@@ -1,4 +1,5 @@
-"""Training (training.py, refineseg.py): reproducibility, cancelling, events, presets, devices, a quality floor."""
+"""Training (training.py, methods/_loop.py, methods/refineseg.py): reproducibility, cancelling, events, presets,
+devices, a quality floor."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import napari_coarseseg.refineseg as refineseg
 from napari_coarseseg import (
     AnnotationError,
     TrainingConfig,
@@ -19,7 +19,8 @@ from napari_coarseseg import (
     select_device,
     train_refineseg,
 )
-from napari_coarseseg.training import _presets_dir
+from napari_coarseseg.methods import _loop, refineseg
+from napari_coarseseg.training import models_dir
 
 from conftest import TINY
 
@@ -63,7 +64,7 @@ def test_same_seed_same_run_other_seed_other_run(discs, disc_drawings):
 def test_closing_the_generator_stops_training(discs, disc_drawings, monkeypatch):
     batches, moved_to_cpu = [], []
 
-    class CountingSampler(refineseg.PatchSampler):
+    class CountingSampler(_loop.PatchSampler):
         def batch(self, n):
             batches.append(n)
             return super().batch(n)
@@ -73,15 +74,15 @@ def test_closing_the_generator_stops_training(discs, disc_drawings, monkeypatch)
             moved_to_cpu.append(len(batches))
             return super().cpu()
 
-    monkeypatch.setattr(refineseg, "PatchSampler", CountingSampler)
+    monkeypatch.setattr(_loop, "PatchSampler", CountingSampler)
     monkeypatch.setattr(refineseg, "UNet", RecordingUNet)
     image, _ = discs
     generator = train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative],
                                 **dict(TINY, steps=50, evolution_every=10))
     events = [next(generator) for _ in range(4)]
     assert [e.step for e in events] == [0, 1, 2, 3]
-    network = generator.gi_frame.f_locals["network"]
-    heads = generator.gi_frame.f_locals["heads"]
+    loop = generator.gi_yieldfrom.gi_frame.f_locals["self"]  # the TrainingLoop that train_refineseg runs
+    network, heads = loop.modules["network"], loop.modules["heads"]
     parameters_before = [p.detach().clone() for p in network.parameters()]
     assert moved_to_cpu == []
     generator.close()
@@ -90,7 +91,7 @@ def test_closing_the_generator_stops_training(discs, disc_drawings, monkeypatch)
     with pytest.raises(StopIteration):
         next(generator)
     assert len(batches) == 3
-    for before, after in zip(parameters_before, network.parameters()):
+    for before, after in zip(parameters_before, network.parameters(), strict=True):
         assert torch.equal(before, after)
     assert all(p.device.type == "cpu" for p in list(network.parameters()) + list(heads.parameters()))
 
@@ -98,12 +99,12 @@ def test_closing_the_generator_stops_training(discs, disc_drawings, monkeypatch)
 def test_closing_before_the_first_step(discs, disc_drawings, monkeypatch):
     batches = []
 
-    class CountingSampler(refineseg.PatchSampler):
+    class CountingSampler(_loop.PatchSampler):
         def batch(self, n):
             batches.append(n)
             return super().batch(n)
 
-    monkeypatch.setattr(refineseg, "PatchSampler", CountingSampler)
+    monkeypatch.setattr(_loop, "PatchSampler", CountingSampler)
     image, _ = discs
     generator = train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative], **TINY)
     first = next(generator)
@@ -240,7 +241,7 @@ def test_presets():
     assert "refineseg" in names and "refineseg-paper" in names
     for name in names:
         config = load_preset(name)
-        settings = json.loads((_presets_dir() / f"{name}.json").read_text())
+        settings = json.loads((models_dir() / f"{name}.json").read_text())
         for key, value in settings.items():
             if key not in ("description", "method"):
                 assert getattr(config, key) == value, (name, key)

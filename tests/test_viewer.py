@@ -96,7 +96,8 @@ def test_cancel_stops_within_seconds_and_leaves_the_viewer_consistent(drawn_view
         (dict(image="discs", positive=["missing"]), "no layer named 'missing'"),
         (dict(image="discs", positive=["discs"]), "must be a labels layer"),
         (dict(image="discs", positive=["small"]), "has shape (8, 8) but image has shape"),
-        (dict(image="discs", method="recursive"), "needs a partial-mask layer"),
+        (dict(image="discs", method="recursive"), "needs a partial layer"),
+        (dict(image="discs", positive=["positive"], partial="partial"), "partial layer belongs to the recursive"),
         (dict(image="discs", method="magic", positive=["positive"]), "unknown method"),
     ],
 )

@@ -107,7 +107,7 @@ def test_annotations_widget_creates_one_empty_layer_per_role_once(viewer):
     created = widget.create_layers()
     roles = ["positive", "negative", "background", "partial", "strong", "separation"]
     assert [layer.name for layer in created] == [f"discs {role}" for role in roles]
-    for layer, role in zip(created, roles):
+    for layer, role in zip(created, roles, strict=True):
         assert layer.data.shape == viewer.layers["discs"].data.shape and not layer.data.any()
         assert layer.metadata[ROLE_KEY] == role
     viewer.layers["discs positive"].data[10, 10] = 1

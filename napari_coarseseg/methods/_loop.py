@@ -1,0 +1,232 @@
+"""One training loop for every method: the phases they share, in one place.
+
+A run goes through the same phases whatever the method:
+
+1. the images (:class:`~napari_coarseseg.data.TrainingImages`) and the
+   method's targets, one per drawing strategy and plane;
+2. device and seeds;
+3. the method's modules on the device, the network in channels-last format;
+4. the patch sampler over the targets;
+5. AdamW over every module with a one-cycle schedule over all steps;
+6. checkpoint and resume (:class:`~napari_coarseseg.checkpoint.RunCheckpoint`);
+7. the start event, then one event per optimiser step;
+8. teardown (modules back on the CPU, GPU memory released), also when the
+   run is cancelled or fails;
+9. the model and its card.
+
+A method subclasses :class:`TrainingLoop` and supplies only what is its own:
+its modules, its targets, its batch, its loss terms and the masks of its
+evolution (plus its card fields). This follows MONAI's engines: one loop,
+a method overrides a step.
+
+Guarantee (the protocol of every ``train_*`` function): the run is a
+generator of :class:`~napari_coarseseg.training.TrainingEvent`, one at the
+start and one after every optimiser step; closing it cancels the run before
+the next step; the trained model is its return value. On the same device and
+thread count, a run resumed from its checkpoint ends with the same weights,
+bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import RunCheckpoint
+from ..data import PatchSampler, TrainingImages, augment
+from ..inference import predict_planes, softmax_maps
+from ..model_io import Model, make_card
+from ..training import (
+    TrainingConfig,
+    TrainingEvent,
+    autocast,
+    describe_device,
+    release_device_memory,
+    seed_everything,
+    select_device,
+    use_channels_last,
+)
+
+__all__ = ["TrainingLoop", "TrainingRun"]
+
+#: What every ``train_*`` function returns: events out, the model as the return value.
+TrainingRun = Generator[TrainingEvent, None, Model]
+
+
+class TrainingLoop:
+    """The shared phases of a training run; subclasses supply a method's own parts.
+
+    Parameters
+    ----------
+    images : TrainingImages
+        The training images.
+    config : TrainingConfig
+        Validated settings.
+    seed : int or None
+        Seed of initialisation, sampling and augmentation.
+    device : str or torch.device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    checkpoint : str or Path, optional
+        Checkpoint file, written every ``config.checkpoint_every`` steps and
+        whenever :meth:`checkpoint_due` says so.
+
+    Notes
+    -----
+    To override (a subclass sets ``method`` and ``n_classes`` before calling
+    ``super().__init__``): :meth:`build_modules`, :meth:`targets`,
+    :meth:`loss_terms`, :meth:`initial_masks`, :meth:`evolve`,
+    :meth:`card_fields`; where the default does not fit, :meth:`batch`,
+    :meth:`forward`, :attr:`total_steps`, :meth:`checkpoint_due`,
+    :meth:`method_state` and :meth:`restore_method_state`.
+    """
+
+    #: The method's name, as cards and checkpoints record it.
+    method = ""
+
+    def __init__(self, images: TrainingImages, config: TrainingConfig, seed: int | None, device,
+                 checkpoint=None):
+        self.images, self.config, self.seed = images, config, seed
+        self.device = select_device(device)
+        self.rng, self.torch_rng = seed_everything(seed)
+        self.modules = {name: module.to(self.device) for name, module in self.build_modules().items()}
+        self.network = use_channels_last(self.modules["network"], self.device)
+        targets = self.targets()
+        self.sampler = PatchSampler(images.planes, targets, config.patch_size, config.drawn_fraction, self.rng)
+        parameters = [p for module in self.modules.values() for p in module.parameters()]
+        self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=config.learning_rate,
+                                                            total_steps=self.total_steps, pct_start=0.15)
+        # The fingerprint covers the images and every target: a checkpoint resumes only the same run.
+        self.checkpoint = RunCheckpoint(checkpoint, config.checkpoint_every, self.method, config, seed,
+                                        [*images.planes, *(t for strategy in targets for t in strategy)],
+                                        modules=self.modules, optimizer=self.optimizer, schedule=self.schedule,
+                                        rng=self.rng, torch_rng=self.torch_rng)
+        self.step = 0  # optimiser steps done
+        self.plane = 0  # evolution planes shown after the drawings (TrainingEvent.iteration)
+
+    # ------------------------------------------------------------------ a method's parts
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        """The trained modules, by name: ``"network"`` (the segmentation network) and any others."""
+        raise NotImplementedError
+
+    def targets(self) -> list[list[np.ndarray]]:
+        """``targets[s][plane]``: the (Y, X) int target of strategy ``s`` (-1 where unlabelled)."""
+        raise NotImplementedError
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, C, P, P) and targets (S, B, P, P) of one step."""
+        return self.sampler.batch(self.config.batch_size)
+
+    def forward(self, images: torch.Tensor):
+        """The modules' outputs on a batch (runs under the device's autocast)."""
+        return self.network(images)
+
+    def loss_terms(self, outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of a batch; ``"total"`` is the one minimised."""
+        raise NotImplementedError
+
+    def initial_masks(self) -> list[np.ndarray]:
+        """Evolution plane 0, one label array per image: what the user drew."""
+        raise NotImplementedError
+
+    def evolve(self, step: int) -> tuple[list[np.ndarray] | None, str]:
+        """After optimiser step ``step``: the masks of a new evolution plane (or None), and a status message."""
+        raise NotImplementedError
+
+    def card_fields(self) -> tuple[dict, dict, dict]:
+        """The card's ``network`` description, the method's extra card fields and its training summary."""
+        raise NotImplementedError
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.steps
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether to write the checkpoint after ``step`` whatever ``checkpoint_every`` says."""
+        return step == self.total_steps
+
+    def method_state(self) -> tuple[dict, dict]:
+        """JSON-able state and arrays a checkpoint must keep besides the modules and optimiser."""
+        return {}, {}
+
+    def restore_method_state(self, state: dict, arrays: dict) -> None:
+        """Take back what :meth:`method_state` gave to a checkpoint."""
+
+    # ------------------------------------------------------------------ helpers for the parts
+
+    def preview(self, maps=softmax_maps) -> list[np.ndarray]:
+        """The network's blended ``maps`` on every training plane (the network stays in training mode)."""
+        return predict_planes(self.network, self.images.planes, self.device, maps)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, resume: bool = False) -> TrainingRun:
+        """The training generator (see the module docstring); ``resume`` continues from the checkpoint."""
+        if resume:
+            restored = self.checkpoint.resume()
+            self.step, self.plane = self.checkpoint.step, restored["state"].get("plane", 0)
+            self.restore_method_state(restored["state"], restored["arrays"])
+        start = time.perf_counter()
+        losses = {}
+        try:
+            yield self._first_event()
+            for module in self.modules.values():
+                module.train()
+            for step in range(self.step + 1, self.total_steps + 1):
+                losses = self._optimise(step)
+                self.step = step
+                masks, message = self.evolve(step)
+                self.plane += masks is not None
+                state, arrays = self.method_state()
+                self.checkpoint.maybe_save(step, {"plane": self.plane, **state}, arrays,
+                                           force=self.checkpoint_due(step))
+                yield TrainingEvent(step, self.total_steps, losses, time.perf_counter() - start,
+                                    iteration=self.plane, masks=masks, message=message)
+        finally:
+            for module in self.modules.values():
+                use_channels_last(module, self.device, on=False).cpu()
+            release_device_memory(self.device)
+        return self._model(time.perf_counter() - start, losses)
+
+    def _first_event(self) -> TrainingEvent:
+        if self.step == 0:
+            return TrainingEvent(0, self.total_steps, {}, 0.0, iteration=0, masks=self.initial_masks(),
+                                 message=f"training on {describe_device(self.device)}")
+        return TrainingEvent(self.step, self.total_steps, {}, 0.0, iteration=self.plane,
+                             message=f"resumed at step {self.step}/{self.total_steps}")
+
+    def _optimise(self, step: int) -> dict[str, float]:
+        images, targets = self.batch()
+        images, targets = augment(torch.from_numpy(images), torch.from_numpy(targets), self.torch_rng,
+                                  self.config.jitter)
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            outputs = self.forward(images)
+        # The losses take logs of probabilities: methods compute them in float32, outside autocast.
+        terms = self.loss_terms(outputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.optimizer.step()
+        self.schedule.step()
+        losses = {name: float(value.detach()) for name, value in terms.items()}
+        if not np.isfinite(losses["total"]):
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {losses['total']}); lower the learning rate"
+            )
+        return losses
+
+    def _model(self, seconds: float, losses: dict) -> Model:
+        network, extra, summary = self.card_fields()
+        card = make_card(self.method, self.n_classes, self.images.channels, self.images.rgb, network,
+                         patch_size=self.config.patch_size, **extra,
+                         training={**summary, "seed": self.seed, "seconds": round(seconds, 2),
+                                   "device": describe_device(self.device), "final_losses": losses,
+                                   "image_shapes": [list(s) for s in self.images.image_shapes],
+                                   "config": dict(vars(self.config))})
+        return Model(self.modules["network"], self.modules.get("heads", nn.ModuleList()), card).eval()

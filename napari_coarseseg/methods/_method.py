@@ -1,0 +1,108 @@
+"""What the package asks of a training method: the :class:`Method` record the registry holds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..annotations import AnnotationError
+from ..inference import Prediction
+from ..model_io import Model
+from ..training import TrainingConfig
+
+__all__ = ["DrawingRole", "Method"]
+
+
+@dataclass(frozen=True)
+class DrawingRole:
+    """A kind of drawing layer a method trains from.
+
+    Attributes
+    ----------
+    name : str
+        The role (a :class:`~napari_coarseseg.annotations.Role` value): the
+        keyword of the method's ``train`` function, the ``--NAME`` option of
+        ``coarseseg train`` and the role of a napari layer.
+    meaning : str
+        What the user paints in such a layer, for help texts and messages.
+    several : bool
+        Whether the method takes several layers of this role (one learned
+        annotator model each) or at most one.
+    required : bool
+        Whether training needs a layer of this role.
+    """
+
+    name: str
+    meaning: str
+    several: bool = False
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the rest of the package asks about a training method.
+
+    Attributes
+    ----------
+    name : str
+        The name users type (``--method NAME``) and cards record.
+    title : str
+        One line saying what the method learns from.
+    roles : tuple of DrawingRole
+        The drawing layers it trains from, in the order forms show them.
+    preset : str
+        Its default preset in ``models/``.
+    train : callable
+        ``train(images, **layers_by_role, config=, n_classes=, seed=, device=,
+        rgb=, names=, checkpoint=, resume=, **overrides)``: the training
+        generator (:data:`~napari_coarseseg.methods.TrainingRun`).
+    predict : callable
+        ``predict(model, image, device=, tile_size=, overlap=, batch_size=,
+        name=, keep_probabilities=, **options)`` -> ``Prediction``.
+    build_model : callable
+        ``build_model(card)`` -> the untrained :class:`Model` a card
+        describes (model loading fills in the weights).
+    length : tuple of str
+        The settings whose product is the number of optimiser steps, outer
+        first: ``("steps",)`` or ``("iterations", "steps")``.
+    """
+
+    name: str
+    title: str
+    roles: tuple[DrawingRole, ...]
+    preset: str
+    train: Callable[..., object]
+    predict: Callable[..., Prediction]
+    build_model: Callable[[dict], Model]
+    length: tuple[str, ...] = ("steps",)
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        return tuple(role.name for role in self.roles)
+
+    def total_steps(self, config: TrainingConfig) -> int:
+        """Optimiser steps a configuration means for this method."""
+        return math.prod(int(getattr(config, setting)) for setting in self.length)
+
+    def describe_length(self, config: TrainingConfig) -> str:
+        """The length of a run in words, e.g. ``"300 steps"`` or ``"4 iterations of 50 steps"``."""
+        return " of ".join(f"{getattr(config, setting)} {setting}" for setting in self.length)
+
+    def start(self, images, layers: Mapping[str, Sequence], **options):
+        """The training generator on drawing layers gathered per role.
+
+        ``layers[role]`` is a list of layers (each an array, or a list of one
+        array or None per image); a role that takes one layer gets the only
+        entry. ``options`` go to ``train`` unchanged.
+        """
+        unknown = sorted(set(layers) - set(self.role_names))
+        if unknown:
+            raise AnnotationError(f"the {self.name} method takes no {' or '.join(unknown)} layer")
+        arguments = {}
+        for role in self.roles:
+            given = list(layers.get(role.name) or [])
+            if not role.several and len(given) > 1:
+                raise AnnotationError(f"the {self.name} method takes one {role.name} layer, {len(given)} were given")
+            arguments[role.name] = given if role.several else (given[0] if given else None)
+        return self.train(images, **arguments, **options)

@@ -1,0 +1,459 @@
+"""Recursive approximation: partial masks that grow to the true boundaries.
+
+A multi-task network learns T1 segmentation from exact masks on a few images
+and T2 approximation from partial masks (rough inner regions of every object)
+on the others, with the loss
+
+    L = sum_t w_t mean_{i labelled for t} -log p_t(y_t(i) | x),
+
+each task only on the pixels that carry its labels. After every iteration of
+``steps`` optimiser steps, each training image's approximation regions S grow
+towards T1's predicted foreground F by the level-set rule of
+:mod:`napari_coarseseg.levelset`,
+
+    phi(i) = epsilon * d(i, B) - d(i, S),      S_new = {i : phi(i) >= 0},
+
+and the grown regions become T2's next targets. The approximations after
+every iteration are the mask evolution. Prediction grows T2's predicted
+regions once more into T1's foreground near them (:func:`final_growth`).
+
+One addition to the paper (``certain_pixels``, on in the preset): T1 also
+learns, on the images with partial masks only, the pixels whose class is
+certain: inside a partial region (object) and farther from every region than
+objects reach past their regions on the exactly masked images (background).
+With a single exact tile T1 otherwise sees one tile's background only and can
+call most of an unseen tile foreground; ``benchmarks/recursive.py`` measures
+the effect.
+
+References
+----------
+.. [1] R. Ke, A. Bugeau, N. Papadakis, M. Kirkland, P. Schuetz,
+   C.-B. Schönlieb, "Multi-task deep learning for image segmentation using
+   recursive approximation tasks", IEEE Transactions on Image Processing 30,
+   2021.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import label as connected_components
+
+from ..annotations import AnnotationError, label_dtype
+from ..data import TrainingImages
+from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
+from ..levelset import grow_regions, label_regions
+from ..losses import masked_nll
+from ..model_io import Model, ModelFileError
+from ..multitask import MultiTaskUNet
+from ..training import TrainingConfig, resolve_config
+from ._loop import TrainingLoop, TrainingRun
+from ._method import DrawingRole, Method
+
+__all__ = ["train_recursive", "predict_recursive", "final_growth", "RecursiveMasks", "RecursiveTraining",
+           "RECURSIVE"]
+
+# Share of every batch drawn from the strongly labelled planes (those patches
+# also train T2 where they carry partial masks), so that T1 sees its few exact
+# masks in every step however many partial images there are; with a quarter,
+# T1 is under-trained and the approximations grow into the background
+# (benchmarks/recursive.py).
+STRONG_SHARE = 0.75
+
+
+class RecursiveMasks:
+    """The masks of a run, plane by plane: exact masks, the current approximations, interface scribbles.
+
+    Parameters
+    ----------
+    images : TrainingImages
+    partial, strong, separation
+        One layer each (see :func:`train_recursive`).
+    n_classes : int, optional
+        Number of object classes K; default the largest value in the masks.
+
+    Attributes
+    ----------
+    strong : list of ndarray or None
+        Per plane, the exact class mask, or None where the plane has none.
+    seeds, seed_classes : list
+        Per plane with partial masks, the object ids of the current
+        approximation and each id's class (None elsewhere).
+    separation : list of ndarray or None
+        Per plane, the interface scribbles (non-zero), or None.
+    """
+
+    def __init__(self, images: TrainingImages, partial, strong=None, separation=None, n_classes=None):
+        self.images = images
+        checked = {role: images.check_layer(layer, role)
+                   for role, layer in (("partial", partial), ("strong", strong), ("separation", separation))}
+        if all(layer is None for layer in checked["partial"]):
+            raise AnnotationError(
+                "no partial mask was given: paint a rough inner region of each object (value k for class k) "
+                "in a partial layer before training."
+            )
+        if all(layer is None for layer in checked["strong"]):
+            raise AnnotationError(
+                "no exact mask was given: the recursive method learns the boundaries from exact masks "
+                "(strong layer) on at least one image or slice; add one, or use the refineseg method."
+            )
+        drawn_k = max(int(layer.max()) for role in ("partial", "strong") for layer in checked[role]
+                      if layer is not None)
+        self.n_classes = int(n_classes) if n_classes is not None else max(drawn_k, 1)
+        if drawn_k > self.n_classes:
+            raise AnnotationError(f"a mask holds class {drawn_k} but n_classes is {self.n_classes}; "
+                                  "raise n_classes or fix the mask.")
+        # A slice counts as labelled iff it has a non-zero pixel.
+        self.strong = [s if s is not None and s.any() else None for s in images.per_plane(checked["strong"])]
+        self.partial = [s if s is not None and s.any() else None for s in images.per_plane(checked["partial"])]
+        self.separation = images.per_plane(checked["separation"])
+        self.seeds, self.seed_classes = [], []
+        for p in self.partial:
+            objects, classes = (None, None) if p is None else label_regions(p)
+            self.seeds.append(objects)
+            self.seed_classes.append(classes)
+        self.has_separation = any(s is not None and s.any() for s in self.separation)
+
+    @property
+    def strong_planes(self) -> list[int]:
+        return [i for i, s in enumerate(self.strong) if s is not None]
+
+    @property
+    def seeded_planes(self) -> list[int]:
+        return [i for i, seeds in enumerate(self.seeds) if seeds is not None]
+
+    def approximation(self, plane: int) -> np.ndarray | None:
+        """Current approximation of a plane as a class map (0 outside the regions)."""
+        if self.seeds[plane] is None:
+            return None
+        return self.seed_classes[plane][self.seeds[plane]]
+
+    def object_reach(self) -> float | None:
+        """How far objects reach beyond their partial regions, measured where both masks exist.
+
+        The largest distance from a pixel of an exactly masked object that
+        holds a partial region to the nearest partial region (objects without
+        one say nothing); None when no plane carries both masks.
+        """
+        reaches = []
+        for strong, seeds in zip(self.strong, self.seeds, strict=True):
+            if strong is None or seeds is None:
+                continue
+            objects, _ = connected_components(strong > 0)
+            seeded = np.isin(objects, np.unique(objects[seeds > 0]))
+            seeded &= objects > 0
+            if seeded.any():
+                reaches.append(float(distance_transform_edt(seeds == 0)[seeded].max()))
+        return max(reaches) if reaches else None
+
+    def certain_target(self, plane: int, reach: float, margin: float = 2.0) -> np.ndarray | None:
+        """T1 target on a plane with partial masks only: the pixels whose class is certain.
+
+        Inside a partial region: its class. Farther than ``reach + margin``
+        from every region: background, as long as every object carries a
+        partial region (the method's input contract). Elsewhere -1: the
+        boundaries stay what the exact masks teach.
+        """
+        if self.seeds[plane] is None or self.strong[plane] is not None:
+            return None
+        target = np.full(self.seeds[plane].shape, -1, dtype=np.int64)
+        target[distance_transform_edt(self.seeds[plane] == 0) > reach + margin] = 0
+        inside = self.seeds[plane] > 0
+        target[inside] = self.seed_classes[plane][self.seeds[plane]][inside]
+        return target
+
+    def separation_target(self, plane: int) -> np.ndarray | None:
+        """T3 target: 1 on interface scribbles, 0 inside the partial masks (not an interface), -1 elsewhere."""
+        scribbles, partial = self.separation[plane], self.partial[plane]
+        if scribbles is None or not scribbles.any():
+            return None
+        target = np.full(scribbles.shape, -1, dtype=np.int64)
+        if partial is not None:
+            target[partial > 0] = 0
+        target[scribbles > 0] = 1
+        return target
+
+    def targets(self, certain_pixels: bool = False) -> list[list[np.ndarray]]:
+        """Per task (T1, T2[, T3]) and plane, the int target with -1 where unlabelled."""
+        planes = self.images.planes
+
+        def or_unlabelled(array, plane):
+            return np.full(plane.shape[1:], -1, dtype=np.int64) if array is None else array.astype(np.int64)
+
+        reach = self.object_reach() if certain_pixels else None
+        segmentation = list(self.strong)
+        if reach is not None:
+            segmentation = [s if s is not None else self.certain_target(i, reach) for i, s in enumerate(self.strong)]
+        tasks = [
+            [or_unlabelled(s, plane) for s, plane in zip(segmentation, planes, strict=True)],
+            [or_unlabelled(self.approximation(i), plane) for i, plane in enumerate(planes)],
+        ]
+        if self.has_separation:
+            tasks.append([or_unlabelled(self.separation_target(i), plane) for i, plane in enumerate(planes)])
+        return tasks
+
+    def grow(self, foreground: list[np.ndarray], epsilon: float) -> int:
+        """The recursive update: every approximation grows towards T1's foreground; return the pixels added."""
+        added = 0
+        for i in self.seeded_planes:
+            grown = grow_regions(self.seeds[i], self.seed_classes[i], foreground[i], epsilon)
+            added += int((grown != self.seeds[i]).sum())
+            self.seeds[i] = grown
+        return added
+
+    def masks(self, foreground: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """The evolution plane: each image's approximation (T1's ``foreground``, or 0, where it has none)."""
+        dtype = label_dtype(self.n_classes)
+        planes = []
+        for i, plane in enumerate(self.images.planes):
+            approximation = self.approximation(i)
+            if approximation is None:
+                approximation = np.zeros(plane.shape[1:], np.int64) if foreground is None else foreground[i]
+            planes.append(approximation.astype(dtype))
+        return self.images.masks_per_image(planes)
+
+
+def _split_tasks(maps: np.ndarray, n_labels: int):
+    """Split the blended maps into (segmentation, approximation, interface probability or None)."""
+    segmentation, approximation = maps[:n_labels], maps[n_labels : 2 * n_labels]
+    interface = maps[2 * n_labels + 1] if maps.shape[0] > 2 * n_labels else None
+    return segmentation, approximation, interface
+
+
+def _foreground(segmentation: np.ndarray, interface: np.ndarray | None) -> np.ndarray:
+    """T1's class map, with predicted interfaces between objects cut out."""
+    labels = segmentation.argmax(0)
+    if interface is not None:
+        labels = np.where(interface > 0.5, 0, labels)
+    return labels
+
+
+def _task_maps(output: dict) -> torch.Tensor:
+    """The softmax of every task (segmentation, approximation, separation if any), stacked along the classes."""
+    return torch.cat([torch.softmax(logits.float(), dim=1) for logits in output.values()], dim=1)
+
+
+class RecursiveTraining(TrainingLoop):
+    """The recursive run: a multi-task U-Net, its approximations grown after every iteration."""
+
+    method = "recursive"
+
+    def __init__(self, images: TrainingImages, masks: RecursiveMasks, config: TrainingConfig, seed, device,
+                 checkpoint=None):
+        self.masks, self.n_classes = masks, masks.n_classes
+        self.pixels_added: list[int] = []
+        super().__init__(images, config, seed, device, checkpoint)
+        self.tasks = list(self.network.tasks)
+        weights = config.task_weights
+        self.weights = {"segmentation": weights.get("strong", 1.0), "approximation": weights.get("partial", 1.0),
+                        "separation": weights.get("separation", 0.5)}
+        # At least one patch of each kind per step (with a batch of 1, draws from all planes).
+        self.n_strong = min(max(1, round(STRONG_SHARE * config.batch_size)), config.batch_size - 1)
+
+    def build_modules(self):
+        config = self.config
+        network = MultiTaskUNet(self.images.channels, self.n_classes + 1, config.base_channels, config.depth,
+                                task_levels=min(config.task_levels, config.depth),
+                                separation=self.masks.has_separation)
+        return {"network": network}
+
+    def targets(self):
+        return self.masks.targets(self.config.certain_pixels)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.steps * self.config.iterations
+
+    def batch(self):
+        size = self.config.batch_size
+        parts = [self.sampler.batch(size - self.n_strong)]
+        if self.n_strong:
+            parts.append(self.sampler.batch(self.n_strong, planes=self.masks.strong_planes))
+        return np.concatenate([images for images, _ in parts]), np.concatenate([t for _, t in parts], axis=1)
+
+    def loss_terms(self, outputs, targets):
+        terms = {task: masked_nll(outputs[task], targets[t]) for t, task in enumerate(self.tasks)}
+        total = sum(self.weights[task] * terms[task] for task in self.tasks)
+        return {"total": total, **terms}
+
+    def initial_masks(self):
+        return self.masks.masks()
+
+    def evolve(self, step):
+        steps, iterations = self.config.steps, self.config.iterations
+        iteration = -(-step // steps)
+        if step % steps:
+            return None, f"iteration {iteration}/{iterations}, step {step}/{self.total_steps}"
+        # The recursive update: T1's class map (interfaces cut) on every plane, then every region grows.
+        n_labels = self.n_classes + 1
+        foreground = [_foreground(*_split_tasks(maps, n_labels)[::2]) for maps in self.preview(_task_maps)]
+        added = self.masks.grow(foreground, self.config.epsilon_train)
+        for i in self.masks.seeded_planes:
+            self.sampler.replace_target(1, i, self.masks.approximation(i))
+        self.pixels_added.append(added)
+        return self.masks.masks(foreground), f"iteration {iteration}/{iterations}: {added} pixels added"
+
+    def checkpoint_due(self, step):
+        # After every iteration's growth, so that a resumed run starts from the grown approximations.
+        return step % self.config.steps == 0
+
+    def method_state(self):
+        arrays = {f"approximation.{i}": self.masks.seeds[i] for i in self.masks.seeded_planes}
+        return {"history": list(self.pixels_added)}, arrays
+
+    def restore_method_state(self, state, arrays):
+        self.pixels_added = list(state["history"])
+        for i in self.masks.seeded_planes:  # the approximations reached, T2's targets
+            self.masks.seeds[i] = arrays[f"approximation.{i}"].astype(self.masks.seeds[i].dtype)
+            self.sampler.replace_target(1, i, self.masks.approximation(i))
+
+    def card_fields(self):
+        config = self.config
+        network = {"kind": "multitask", "base_channels": config.base_channels, "depth": config.depth,
+                   "task_levels": self.network.task_levels, "separation": self.masks.has_separation}
+        extra = {"epsilon_predict": config.epsilon_predict, "prediction_gate": config.prediction_gate}
+        summary = {"iterations": config.iterations, "steps_per_iteration": config.steps,
+                   "pixels_added_per_iteration": list(self.pixels_added)}
+        return network, extra, summary
+
+
+def train_recursive(images, partial, strong=None, separation=None, *, config: TrainingConfig | str | None = None,
+                    n_classes: int | None = None, seed: int | None = 0, device="auto", rgb: bool | None = None,
+                    names=None, checkpoint=None, resume: bool = False, **overrides) -> TrainingRun:
+    """Train the multi-task network of the recursive method; a generator of progress events.
+
+    Parameters
+    ----------
+    images : ndarray or list of ndarray
+        Training images: (Y, X), (Z, Y, X) stacks (slice by slice) or RGB.
+    partial : ndarray or list
+        Per image, a partial mask (0 = nothing, k = rough inner region of an
+        object of class k; objects are its connected regions), or None.
+    strong : ndarray or list, optional
+        Per image, an exact mask (0 = background, k = class k), or None. A
+        slice counts as labelled iff it has a non-zero pixel; at least one is
+        needed.
+    separation : ndarray or list, optional
+        Per image, scribbles (non-zero) on interfaces between touching
+        objects: the optional auxiliary task T3.
+    config : TrainingConfig or str, optional
+        Settings or a preset name; default the ``recursive`` preset:
+        ``iterations`` iterations of ``steps`` optimiser steps each.
+    n_classes, seed, device, rgb, names, checkpoint, resume, **overrides
+        As for :func:`~napari_coarseseg.methods.refineseg.train_refineseg`;
+        the checkpoint is also written after every iteration's growth.
+
+    Yields
+    ------
+    TrainingEvent
+        One at the start and one after every step; the start and the end of
+        every iteration carry ``masks``: the approximation of every training
+        image (T1's prediction on images without partial masks).
+
+    Returns
+    -------
+    Model
+        The trained model (the generator's return value).
+    """
+    config = resolve_config(config, RECURSIVE.preset, overrides)
+    training_images = TrainingImages(images, rgb, names)
+    masks = RecursiveMasks(training_images, partial, strong, separation, n_classes)
+    return (yield from RecursiveTraining(training_images, masks, config, seed, device, checkpoint).run(resume))
+
+
+def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, gate: float) -> np.ndarray:
+    """The prediction's last growth: T2's regions grow into T1's foreground near them.
+
+    Parameters
+    ----------
+    foreground : ndarray of int
+        T1's class map F (0 = background).
+    regions : ndarray of int
+        T2's class map; its connected regions are the seeds.
+    epsilon : float
+        Growth speed of the level-set rule.
+    gate : float
+        F is first cut to pixels within ``gate`` px of T2's regions
+        (``numpy.inf``: no gate). T1 learns from a few exact masks and can
+        fail on an unseen image, calling most of it foreground; the gate
+        keeps such a failure from flooding the result, and changes nothing
+        where F is sane (objects end within a few px of T2's regions).
+
+    Returns
+    -------
+    ndarray of int
+        Class map of the grown objects.
+
+    Examples
+    --------
+    >>> foreground = np.zeros((1, 12), int); foreground[0, 2:10] = 1
+    >>> regions = np.zeros((1, 12), int); regions[0, 5] = 1
+    >>> final_growth(foreground, regions, epsilon=100.0, gate=2)[0]
+    array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    """
+    seeds, seed_classes = label_regions(regions)
+    near = distance_transform_edt(regions == 0) <= gate
+    return seed_classes[grow_regions(seeds, seed_classes, np.where(near, foreground, 0), epsilon)]
+
+
+def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
+                      batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
+                      epsilon: float | None = None, gate: float | None = None) -> Prediction:
+    """Segment an image with a recursive-method model.
+
+    T1 gives the foreground F and T2 the approximation regions; one last
+    level-set growth with the card's ``epsilon_predict`` (or ``epsilon``)
+    grows the regions into F within the card's ``prediction_gate`` (or
+    ``gate``) pixels of them (:func:`final_growth`). Components of F that
+    hold no region are left out; touching objects stay apart. The other
+    parameters are those of :func:`napari_coarseseg.predict`.
+
+    Returns
+    -------
+    Prediction
+        ``labels`` the grown classes, ``probabilities`` T1's class
+        probabilities, ``reliability`` None.
+    """
+    image, device, planes = start_prediction(model, image, device, name)
+    epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
+    # Models written before the gate was a setting used 4 px.
+    gate = float(model.card.get("prediction_gate", 4.0) if gate is None else gate)
+    n_labels = model.n_classes + 1
+    segmentation, labels = [], []
+    for maps in iter_predict_planes(model.network, planes, device, _task_maps, tile_size, overlap, batch_size):
+        probabilities, approximation, interface = _split_tasks(maps, n_labels)
+        grown = final_growth(_foreground(probabilities, interface), approximation.argmax(0), epsilon, gate)
+        labels.append(grown.astype(label_dtype(model.n_classes)))
+        if keep_probabilities:
+            segmentation.append(probabilities)
+    return assemble_planes(image, model, labels, segmentation or None)
+
+
+def build_model(card: dict) -> Model:
+    """The untrained multi-task U-Net a recursive card describes."""
+    network = card["network"]
+    if network.get("kind") != "multitask":
+        raise ModelFileError(f"unknown network kind {network.get('kind')!r} for a recursive model; "
+                             "expected 'multitask'")
+    return Model(MultiTaskUNet(card["channels"], card["n_classes"] + 1, int(network["base_channels"]),
+                               int(network["depth"]), task_levels=int(network.get("task_levels", 2)),
+                               separation=bool(network.get("separation", False))), torch.nn.ModuleList(), card)
+
+
+RECURSIVE = Method(
+    name="recursive",
+    title="partial masks on many images plus exact masks on a few, grown by a level-set rule "
+          "(recursive approximation, IEEE TIP 2021)",
+    roles=(
+        DrawingRole("partial", "a rough inner region of every object: k = an object of class k", required=True),
+        DrawingRole("strong", "exact masks on a few images or slices (a slice counts if it has a non-zero pixel)",
+                    required=True),
+        DrawingRole("separation", "scribbles (non-zero) on interfaces between touching objects"),
+    ),
+    preset="recursive",
+    train=train_recursive,
+    predict=predict_recursive,
+    build_model=build_model,
+    length=("iterations", "steps"),
+)

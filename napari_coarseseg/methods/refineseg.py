@@ -1,0 +1,404 @@
+"""RefineSeg: learn a segmentation network from positive and negative coarse drawings.
+
+Every drawing layer r is an annotation strategy with its own per-pixel
+transition head ``A_r(x)[m, k] = p(drawn m | true k, x)``. The network's
+softmax ``p`` goes through the head before it meets the drawing,
+
+    q_r = A_r p,
+    L = sum_r [alpha CE_R(q_r, y_r) + beta Dice_R(q_r, y_r)]      (positive layers, drawn pixels R only)
+      + sum_c mean_R -log((1 - (A_c p)[k]) / (L - 1))             (negative layers "not k")
+      + lambda mean_pixels sum_r ||A_r - I||_F^2,
+
+so the heads can absorb systematic drawing errors while ``p`` learns the
+true classes. Prediction is the argmax of ``p``, after a change of class
+prior from the one the loss implies to the one estimated on the training
+images (:func:`estimate_class_prior`); the heads give the annotation
+reliability map ``1 - trace(A) / L``.
+
+References
+----------
+.. [1] A. Du, N. Aung, T. N. Arvanitis, S. K. Piechnik, J. A. C. Lima,
+   S. E. Petersen, L. Zhang, "RefineSeg: Dual Coarse-to-Fine Learning for
+   Medical Image Segmentation", MICCAI 2025.
+.. [2] M. Saerens, P. Latinne, C. Decaestecker, "Adjusting the outputs of a
+   classifier to new a priori probabilities: a simple procedure", Neural
+   Computation 14, 2002.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..annotations import (
+    AnnotationError,
+    background_target,
+    label_dtype,
+    negative_target,
+    positive_target,
+)
+from ..data import TrainingImages
+from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
+from ..losses import refineseg_loss
+from ..model_io import Model, ModelFileError
+from ..networks import TransitionHead, UNet
+from ..training import TrainingConfig, resolve_config
+from ._loop import TrainingLoop, TrainingRun
+from ._method import DrawingRole, Method
+
+__all__ = ["train_refineseg", "predict_refineseg", "RefinesegDrawings", "RefinesegTraining", "adjust_to_prior",
+           "estimate_class_prior", "REFINESEG"]
+
+
+def _layers(value) -> list:
+    """Drawing layers of one role as a list: one array is one layer."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, np.ndarray) else list(value)
+
+
+class RefinesegDrawings:
+    """The drawing layers of a run as targets, one per strategy (layer) and plane.
+
+    Parameters
+    ----------
+    images : TrainingImages
+    positive, negative, background : list
+        Layers (see :func:`train_refineseg`).
+    n_classes : int, optional
+        Number of object classes K; default the largest drawn value.
+
+    Attributes
+    ----------
+    positive_targets, negative_targets : list of list of ndarray
+        ``targets[s][plane]``: -1 = not drawn, else a class (for negative
+        layers, the class the pixel is not). Background layers come after
+        the positive ones, as positive marks of class 0.
+    positive_names, negative_names : list of str
+        Strategy names (for the card).
+    n_classes : int
+    """
+
+    def __init__(self, images: TrainingImages, positive=(), negative=(), background=(), n_classes=None):
+        self.images = images
+        layers = {"positive": _layers(positive), "negative": _layers(negative), "background": _layers(background)}
+        if not layers["positive"] and not layers["background"]:
+            raise AnnotationError(
+                "no positive drawing was given: draw inside objects in a positive layer "
+                "(value k for class k) before training."
+            )
+        checked = {}
+        for role, strategies in layers.items():
+            checked[role] = []
+            for s, layer in enumerate(strategies):
+                per_image = images.check_layer(layer, role, f"{role} {s + 1}")
+                # A layer may be empty on some images, not on all of them.
+                if all(drawing is None for drawing in per_image):
+                    raise AnnotationError(
+                        f"{role} drawing {s + 1} is empty on every image; paint some pixels or remove it."
+                    )
+                checked[role].append(per_image)
+        drawn = [d for role in ("positive", "negative") for st in checked[role] for d in st if d is not None]
+        drawn_k = max((int(d.max()) for d in drawn), default=0)
+        self.n_classes = int(n_classes) if n_classes is not None else max(drawn_k, 1)
+        if drawn_k > self.n_classes:
+            raise AnnotationError(
+                f"a drawing holds class {drawn_k} but n_classes is {self.n_classes}; "
+                "raise n_classes or fix the drawing."
+            )
+        positive_values = [np.unique(d) for st in checked["positive"] for d in st if d is not None]
+        positive_classes = np.setdiff1d(np.concatenate(positive_values or [np.zeros(0, np.int64)]), [0])
+        if len(positive_classes) == 1 and not checked["negative"] and not checked["background"]:
+            k = int(positive_classes[0])
+            raise AnnotationError(
+                f"only class {k} is drawn: nothing tells the network what is not class {k}, so it would call "
+                f"everything class {k}. Add a negative drawing ('not class {k}') or background marks."
+            )
+
+        def planes_of(per_image, make_target):
+            return images.per_plane([np.full(shape, -1, np.int64) if d is None else make_target(d)
+                                     for d, shape in zip(per_image, images.image_shapes, strict=True)])
+
+        self.positive_targets = [planes_of(st, positive_target) for st in checked["positive"]] + [
+            planes_of(st, background_target) for st in checked["background"]
+        ]
+        self.negative_targets = [planes_of(st, negative_target) for st in checked["negative"]]
+        self.positive_names = [f"positive {i + 1}" for i in range(len(checked["positive"]))] + [
+            f"background {i + 1}" for i in range(len(checked["background"]))
+        ]
+        self.negative_names = [f"negative {i + 1}" for i in range(len(checked["negative"]))]
+
+    def training_prior(self) -> np.ndarray:
+        """Class prior implied by the loss: every drawing layer weighs the same.
+
+        A positive layer spreads its unit weight over the classes it marks in
+        proportion to their drawn pixels; a negative "not k" layer spreads its
+        weight evenly over the other classes.
+        """
+        n_labels = self.n_classes + 1
+        prior = np.zeros(n_labels)
+        for strategy in self.positive_targets:
+            counts = sum(np.bincount(t[t >= 0], minlength=n_labels) for t in strategy)
+            prior += counts / max(counts.sum(), 1)
+        for strategy in self.negative_targets:
+            counts = sum(np.bincount(t[t >= 0], minlength=n_labels) for t in strategy)
+            counts = counts / max(counts.sum(), 1)
+            # "not k" supports each of the other L - 1 classes equally.
+            prior += (counts.sum() - counts) / max(n_labels - 1, 1)
+        prior = np.clip(prior, 1e-3, None)
+        return prior / prior.sum()
+
+    def drawn_masks(self) -> list[np.ndarray]:
+        """The positive drawings as a label mask per image (iteration 0 of the evolution).
+
+        Where layers overlap, the first layer wins; undrawn pixels are 0.
+        """
+        merged = []
+        for plane in range(len(self.images.planes)):
+            labels = np.full(self.images.planes[plane].shape[1:], -1, dtype=np.int64)
+            for strategy in self.positive_targets:
+                labels = np.where(labels < 0, strategy[plane], labels)
+            merged.append(np.clip(labels, 0, None).astype(label_dtype(self.n_classes)))
+        return self.images.masks_per_image(merged)
+
+
+def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior) -> np.ndarray:
+    """Re-weight class probabilities from the training prior to ``class_prior``.
+
+    ``p'(y|x) = p(y|x) * class_prior[y] / training_prior[y]``, renormalised
+    over the class axis (axis 0). This is the Bayes rule for a change of class
+    prior (logit adjustment).
+
+    Examples
+    --------
+    >>> adjust_to_prior(np.array([[0.5], [0.5]]), [0.8, 0.2], [0.5, 0.5])[:, 0]
+    array([0.8, 0.2])
+    """
+    ratio = np.asarray(class_prior, dtype=np.float64) / np.asarray(training_prior, dtype=np.float64)
+    shape = (-1,) + (1,) * (probabilities.ndim - 1)
+    adjusted = probabilities * ratio.reshape(shape).astype(np.float32)
+    return adjusted / np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
+
+
+def estimate_class_prior(probabilities, training_prior, iterations: int = 200, tol: float = 1e-6) -> np.ndarray:
+    """Class frequencies of images, by EM on a classifier's posteriors [2]_.
+
+    Parameters
+    ----------
+    probabilities : list of ndarray
+        (L, ...) posteriors of a classifier trained under ``training_prior``.
+    training_prior : array_like
+        The class prior the classifier's loss implies.
+
+    Returns
+    -------
+    ndarray
+        The class prior that makes the adjusted posteriors' mean equal to it.
+    """
+    n_labels = probabilities[0].shape[0]
+    flat = np.concatenate([p.reshape(n_labels, -1) for p in probabilities], axis=1).astype(np.float64)
+    training_prior = np.asarray(training_prior, dtype=np.float64)
+    prior = training_prior.copy()
+    for _ in range(iterations):
+        adjusted = flat * (prior / training_prior)[:, None]
+        adjusted /= np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
+        new_prior = np.clip(adjusted.mean(axis=1), 1e-6, None)
+        new_prior /= new_prior.sum()
+        if np.abs(new_prior - prior).max() < tol:
+            prior = new_prior
+            break
+        prior = new_prior
+    return prior
+
+
+class RefinesegTraining(TrainingLoop):
+    """The refineseg run: a U-Net plus one transition head per drawing layer."""
+
+    method = "refineseg"
+
+    def __init__(self, images: TrainingImages, drawings: RefinesegDrawings, config: TrainingConfig, seed, device,
+                 checkpoint=None):
+        self.drawings, self.n_classes = drawings, drawings.n_classes
+        self.n_positive = len(drawings.positive_targets)
+        super().__init__(images, config, seed, device, checkpoint)
+        self.training_prior = self.estimated_prior = drawings.training_prior()
+
+    def build_modules(self):
+        n_labels, config = self.n_classes + 1, self.config
+        network = UNet(self.images.channels, n_labels, config.base_channels, config.depth)
+        n_heads = self.n_positive + len(self.drawings.negative_targets)
+        heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
+                               for _ in range(n_heads)])
+        return {"network": network, "heads": heads}
+
+    def targets(self):
+        return self.drawings.positive_targets + self.drawings.negative_targets
+
+    def forward(self, images):
+        logits, features = self.network(images)
+        return logits, [head(features) for head in self.modules["heads"]]
+
+    def loss_terms(self, outputs, targets):
+        logits, transitions = outputs
+        probabilities = torch.softmax(logits.float(), dim=1)
+        transitions = [a.float() for a in transitions]
+        n, config = self.n_positive, self.config
+        return refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
+                              list(targets[n:]), config.alpha, config.beta, config.regulariser_weight)
+
+    def initial_masks(self):
+        return self.drawings.drawn_masks()
+
+    def evolve(self, step):
+        every, message = self.config.evolution_every, f"step {step}/{self.total_steps}"
+        if step == self.total_steps or (every and step % every == 0):
+            return self.current_masks(), message
+        return None, message
+
+    def current_masks(self) -> list[np.ndarray]:
+        """The masks ``predict`` would give on the training images now (prior-corrected argmax)."""
+        probabilities = self.preview()
+        self.estimated_prior = estimate_class_prior(probabilities, self.training_prior)
+        return self.images.masks_per_image([
+            adjust_to_prior(p, self.estimated_prior, self.training_prior).argmax(0).astype(np.uint8)
+            for p in probabilities
+        ])
+
+    def card_fields(self):
+        config = self.config
+        network = {"kind": "unet", "base_channels": config.base_channels, "depth": config.depth,
+                   "n_heads": len(self.modules["heads"])}
+        extra = {"heads": self.drawings.positive_names + self.drawings.negative_names,
+                 "prior": {"training": self.training_prior.tolist(), "estimated": self.estimated_prior.tolist()}}
+        return network, extra, {"steps": config.steps}
+
+
+def train_refineseg(images, positive=(), negative=(), background=(), *, config: TrainingConfig | str | None = None,
+                    n_classes: int | None = None, seed: int | None = 0, device="auto", rgb: bool | None = None,
+                    names=None, checkpoint=None, resume: bool = False, **overrides) -> TrainingRun:
+    """Train a network from coarse drawings; a generator of :class:`~napari_coarseseg.TrainingEvent`.
+
+    Parameters
+    ----------
+    images : ndarray or list of ndarray
+        Training images: (Y, X), (Z, Y, X) stacks or (Y, X, C) colour.
+    positive, negative, background : list
+        Drawing layers: positive (0 = not drawn, k = class k), negative
+        (k = "not class k"), background (non-zero = background). A layer is
+        an array for one image, or a list with an array (or None) per image.
+        Each layer gets its own transition head.
+    config : TrainingConfig or str, optional
+        Settings or a preset name; default the ``refineseg`` preset.
+    n_classes : int, optional
+        Number of object classes K; default the largest drawn value.
+    seed, device, rgb, names
+        Seed of initialisation, sampling and augmentation; ``"auto"``,
+        ``"cpu"``, ``"cuda"`` or ``"mps"``; whether the last axis holds colour
+        (guessed when omitted); image names for messages.
+    checkpoint, resume
+        A checkpoint file written every ``checkpoint_every`` steps, and
+        whether to continue from it (same inputs, settings and seed).
+    **overrides
+        Any :class:`~napari_coarseseg.TrainingConfig` field, e.g. ``steps=200``.
+
+    Yields
+    ------
+    TrainingEvent
+        One at the start (the drawings as masks), one after every step; every
+        ``evolution_every`` steps and at the end with the current masks.
+
+    Returns
+    -------
+    Model
+        The trained model (the generator's return value).
+
+    Examples
+    --------
+    >>> from napari_coarseseg import run_to_end, simulate
+    >>> mask = np.zeros((32, 32), int); mask[8:24, 8:24] = 1
+    >>> drawings = simulate(mask, erode=2, margin=3)
+    >>> image = (20 + 100 * mask).astype(np.float32)
+    >>> model = run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], steps=3,
+    ...                                    base_channels=4, depth=2, patch_size=16, batch_size=2, device="cpu"))
+    >>> model.card["method"], model.card["heads"]
+    ('refineseg', ['positive 1', 'negative 1'])
+    """
+    config = resolve_config(config, REFINESEG.preset, overrides)
+    training_images = TrainingImages(images, rgb, names)
+    drawings = RefinesegDrawings(training_images, positive, negative, background, n_classes)
+    return (yield from RefinesegTraining(training_images, drawings, config, seed, device, checkpoint).run(resume))
+
+
+def _maps_with_reliability(heads: nn.ModuleList):
+    """Blended maps of a refineseg model: class probabilities, then the reliability ``1 - trace(A) / L``."""
+
+    def maps(output):
+        logits, features = output
+        probabilities = torch.softmax(logits.float(), dim=1)
+        if not len(heads):
+            return probabilities
+        n_labels = probabilities.shape[1]
+        traces = [torch.diagonal(head(features).float(), dim1=1, dim2=2).sum(-1) for head in heads]
+        reliability = 1 - torch.stack(traces).mean(0) / n_labels
+        return torch.cat([probabilities, reliability[:, None]], dim=1)
+
+    return maps
+
+
+def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
+                      batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
+                      prior_correction: bool = True) -> Prediction:
+    """Segment an image with a refineseg model: argmax of the prior-corrected probabilities.
+
+    ``prior_correction`` moves the probabilities from the class prior the
+    loss implies (each drawing layer weighs the same) to the class
+    frequencies estimated on the training images (stored in the card);
+    ``False`` gives the plain argmax of p(y|x). The other parameters are
+    those of :func:`napari_coarseseg.predict`.
+
+    Returns
+    -------
+    Prediction
+        ``labels``, ``probabilities`` (unless not kept) and ``reliability``.
+    """
+    image, device, planes = start_prediction(model, image, device, name)
+    n_labels, prior = model.n_classes + 1, model.card.get("prior")
+    labels, probabilities, reliability = [], [], []
+    for maps in iter_predict_planes(model.network, planes, device, _maps_with_reliability(model.heads), tile_size,
+                                    overlap, batch_size):
+        plane_probabilities = maps[:n_labels]
+        if prior_correction and prior:
+            plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"])
+        labels.append(plane_probabilities.argmax(0).astype(label_dtype(model.n_classes)))
+        if keep_probabilities:
+            probabilities.append(plane_probabilities)
+        if len(maps) > n_labels:
+            reliability.append(maps[n_labels])
+    return assemble_planes(image, model, labels, probabilities or None, reliability or None)
+
+
+def build_model(card: dict) -> Model:
+    """The untrained U-Net and transition heads a refineseg card describes."""
+    network, n_labels = card["network"], card["n_classes"] + 1
+    if network.get("kind", "unet") != "unet":
+        raise ModelFileError(f"unknown network kind {network.get('kind')!r} for a refineseg model; expected 'unet'")
+    heads = nn.ModuleList([TransitionHead(int(network["base_channels"]), n_labels)
+                           for _ in range(int(network.get("n_heads", 0)))])
+    unet = UNet(card["channels"], n_labels, int(network["base_channels"]), int(network["depth"]))
+    return Model(unet, heads, card)
+
+
+REFINESEG = Method(
+    name="refineseg",
+    title="positive and negative coarse drawings, one learned annotator model per layer (RefineSeg, MICCAI 2025)",
+    roles=(
+        DrawingRole("positive", "strokes inside objects: k = 'this is class k'", several=True),
+        DrawingRole("negative", "strokes outside: k = 'this is not class k'", several=True),
+        DrawingRole("background", "strokes on background: any non-zero value", several=True),
+    ),
+    preset="refineseg",
+    train=train_refineseg,
+    predict=predict_refineseg,
+    build_model=build_model,
+)
