@@ -305,7 +305,7 @@ class TrainWidget(QWidget):
             self.save_model(path)
 
     def save_model(self, path):
-        """Save the last trained model (a model file and its card, see DESIGN.md)."""
+        """Save the last trained model (a model file with its card, see :mod:`napari_coarseseg.model_io`)."""
         if self.model is None:
             show_error("No trained model yet: press Start training first.")
             return

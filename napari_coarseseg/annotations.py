@@ -1,6 +1,6 @@
 """Annotation roles, validation and simulation of coarse drawings from full masks.
 
-Label conventions (DESIGN.md, fixed):
+Label conventions (fixed: tests, benchmarks and users rely on them):
 
 - positive layer: 0 = not annotated, k = "this pixel is class k";
 - background layer: any non-zero value = "this pixel is background" (the
@@ -14,6 +14,12 @@ Label conventions (DESIGN.md, fixed):
 Internally each drawing becomes a *target*: an ``int64`` array where ``-1``
 means "not annotated" and ``0..K`` is a class (for negative targets, the class
 the pixel is not).
+
+References
+----------
+.. [1] A. Du, N. Aung, T. N. Arvanitis, S. K. Piechnik, J. A. C. Lima,
+   S. E. Petersen, L. Zhang, "RefineSeg: Dual Coarse-to-Fine Learning for
+   Medical Image Segmentation", MICCAI 2025.
 """
 
 from __future__ import annotations
@@ -177,8 +183,8 @@ def validate_drawing(
     >>> import numpy as np
     >>> validate_drawing(np.array([[0, 1], [2, 0]], np.uint8), (2, 2)).dtype
     dtype('int64')
-    >>> validate_drawing(np.zeros((2, 2), np.uint8), (2, 2), "layer", allow_empty=True).any()
-    np.False_
+    >>> bool(validate_drawing(np.zeros((2, 2), np.uint8), (2, 2), "layer", allow_empty=True).any())
+    False
     """
     role = role.value if isinstance(role, Role) else str(role)
     drawing = np.asarray(drawing)
@@ -291,7 +297,7 @@ def simulate(
     instances: bool = False,
     seed: int | None = 0,
 ) -> SimulatedDrawings:
-    """Simulate coarse drawings from a full mask (the RefineSeg protocol).
+    """Simulate coarse drawings from a full mask (the protocol of RefineSeg [1]_).
 
     Parameters
     ----------

@@ -102,9 +102,13 @@ class StagedWrites:
 
     Examples
     --------
-    >>> with StagedWrites() as staged:  # doctest: +SKIP
-    ...     staged.add("a.tif", labels_a)
-    ...     staged.add("b.tif", labels_b)
+    >>> import tempfile, numpy as np
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> with StagedWrites() as staged:
+    ...     staged.add(folder / "a.tif", np.zeros((4, 4), np.uint8))
+    ...     staged.add(folder / "b.tif", np.ones((4, 4), np.uint8))
+    >>> sorted(p.name for p in folder.iterdir())
+    ['a.tif', 'b.tif']
     """
 
     def __init__(self):

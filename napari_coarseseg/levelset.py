@@ -1,4 +1,4 @@
-"""The level-set growth of the recursive method (METHODS.md B, eq. 4-6).
+"""The level-set growth of the recursive method ([1]_, eq. 4-6).
 
 After every iteration the approximation regions S (the current partial
 masks) grow towards the segmentation network's foreground F:
@@ -18,6 +18,12 @@ objects apart:
 
 Everything is a distance transform per class and one nearest-neighbour query
 per image; there is no Python loop over objects or pixels.
+
+References
+----------
+.. [1] R. Ke et al., "Multi-task deep learning for image segmentation using
+   recursive approximation tasks", IEEE Transactions on Image Processing 30,
+   2021.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Losses of the refineseg method (METHODS.md A), batched, masked to drawn pixels.
+"""Losses of the refineseg method [1]_ and the recursive method's tasks [2]_, batched, masked to drawn pixels.
 
 Shape contract (B = batch, L = classes with background, H x W = pixels):
 
@@ -9,6 +9,15 @@ Shape contract (B = batch, L = classes with background, H x W = pixels):
 
 Un-drawn pixels contribute nothing (not even a gradient); a batch with no
 drawn pixel gives a loss of exactly 0.
+
+References
+----------
+.. [1] A. Du, N. Aung, T. N. Arvanitis, S. K. Piechnik, J. A. C. Lima,
+   S. E. Petersen, L. Zhang, "RefineSeg: Dual Coarse-to-Fine Learning for
+   Medical Image Segmentation", MICCAI 2025.
+.. [2] R. Ke et al., "Multi-task deep learning for image segmentation using
+   recursive approximation tasks", IEEE Transactions on Image Processing 30,
+   2021.
 """
 
 from __future__ import annotations
@@ -141,7 +150,7 @@ def refineseg_loss(
 def masked_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of ``softmax(logits)`` over annotated pixels (target >= 0).
 
-    The per-task loss of the recursive method (METHODS.md B, eq. 1-2):
+    The per-task loss of the recursive method ([2]_, eq. 1-2):
     ``logits`` (B, L, H, W), ``target`` (B, H, W) with -1 where a task has
     no label. No annotated pixel gives exactly 0 (and a zero gradient).
     """

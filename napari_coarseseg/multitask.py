@@ -1,4 +1,4 @@
-"""The multi-task network of the recursive method (METHODS.md B, sec. 3.4).
+"""The multi-task network of the recursive method ([1]_, sec. 3.4).
 
 A U-Net whose encoder and bottom decoder levels are shared by all tasks and
 whose last decoder levels are multi-task blocks with one path per task:
@@ -12,6 +12,12 @@ whose last decoder levels are multi-task blocks with one path per task:
 Each task has its own 1x1 output layer. Convolutions use batch norm and leaky
 ReLU, down-sampling max-pooling, up-sampling bilinear interpolation, with long
 skip connections from the encoder.
+
+References
+----------
+.. [1] R. Ke et al., "Multi-task deep learning for image segmentation using
+   recursive approximation tasks", IEEE Transactions on Image Processing 30,
+   2021.
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
 """Networks: a configurable 2D U-Net and the per-pixel transition-matrix heads.
 
 The U-Net returns both the class logits and the features of its last decoder
-level, because the annotation heads of the refineseg method (METHODS.md A) are
+level, because the annotation heads of the refineseg method [1]_ are
 small convolutions on those features.
+
+References
+----------
+.. [1] A. Du, N. Aung, T. N. Arvanitis, S. K. Piechnik, J. A. C. Lima,
+   S. E. Petersen, L. Zhang, "RefineSeg: Dual Coarse-to-Fine Learning for
+   Medical Image Segmentation", MICCAI 2025.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
 
     In evaluation mode a batch norm is an affine map per channel, so it merges
     into the preceding convolution's weights and bias: the same outputs up to
-    float rounding, one pass over the activations fewer (13 % of prediction
-    time on 2 CPU threads). Pairs are found inside ``nn.Sequential`` blocks,
+    float rounding, one pass over the activations fewer (``benchmarks/speed.py``
+    measures the gain). Pairs are found inside ``nn.Sequential`` blocks,
     where both networks of this package keep them; ``network`` is unchanged.
     """
     folded = copy.deepcopy(network).eval()

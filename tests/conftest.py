@@ -115,6 +115,18 @@ def tiny_two_class_model(two_class):
 
 # --------------------------------------------------------------------------- napari (GUI tests only)
 
+#: Fixtures that open a napari window or drive Qt: a test using one needs a (virtual) screen.
+GUI_FIXTURES = {"make_napari_viewer", "qtbot", "drawn_viewer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that opens a viewer or drives Qt carries the ``gui`` marker, so ``-m "not gui"`` runs headless."""
+    unmarked = [item.nodeid for item in items
+                if GUI_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("gui") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that open a viewer need @pytest.mark.gui: {unmarked}")
+
+
 
 @pytest.fixture
 def errors(monkeypatch):

@@ -147,3 +147,18 @@ def test_no_function_over_100_lines_and_no_class_over_300(kind, limit):
     measured = sizes(kind)
     assert measured, "nothing measured"
     assert [(lines, name) for lines, name in measured if lines > limit] == []
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A subpackage missing from setup.cfg's ``packages`` imports from the source tree and not once installed."""
+    import configparser
+
+    setup_cfg = ROOT.parent / "setup.cfg"
+    if not setup_cfg.is_file():
+        pytest.skip("an installed copy: no setup.cfg beside the package")
+    config = configparser.ConfigParser()
+    config.read(setup_cfg)
+    listed = set(config["options"]["packages"].split())
+    subpackages = {name for name, path in SOURCES.items() if path.name == "__init__.py"}
+    assert f"{PACKAGE}.methods" in subpackages
+    assert subpackages - listed == set()

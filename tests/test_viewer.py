@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
 
 from qtpy.QtCore import QTimer  # noqa: E402
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
 
 from napari_coarseseg import save_model  # noqa: E402
 from napari_coarseseg._widgets import ROLE_KEY, AnnotationsWidget, PredictWidget, TrainWidget  # noqa: E402

@@ -10,6 +10,7 @@ from ..annotations import AnnotationError
 from ..inference import Prediction
 from ..model_io import Model
 from ..training import TrainingConfig
+from ._loop import TrainingRun
 
 __all__ = ["DrawingRole", "Method"]
 
@@ -72,7 +73,7 @@ class Method:
     title: str
     roles: tuple[DrawingRole, ...]
     preset: str
-    train: Callable[..., object]
+    train: Callable[..., TrainingRun]
     predict: Callable[..., Prediction]
     build_model: Callable[[dict], Model]
     length: tuple[str, ...] = ("steps",)
@@ -89,7 +90,7 @@ class Method:
         """The length of a run in words, e.g. ``"300 steps"`` or ``"4 iterations of 50 steps"``."""
         return " of ".join(f"{getattr(config, setting)} {setting}" for setting in self.length)
 
-    def start(self, images, layers: Mapping[str, Sequence], **options):
+    def start(self, images, layers: Mapping[str, Sequence], **options) -> TrainingRun:
         """The training generator on drawing layers gathered per role.
 
         ``layers[role]`` is a list of layers (each an array, or a list of one

@@ -27,8 +27,7 @@ the effect.
 
 References
 ----------
-.. [1] R. Ke, A. Bugeau, N. Papadakis, M. Kirkland, P. Schuetz,
-   C.-B. Schönlieb, "Multi-task deep learning for image segmentation using
+.. [1] R. Ke et al., "Multi-task deep learning for image segmentation using
    recursive approximation tasks", IEEE Transactions on Image Processing 30,
    2021.
 """

@@ -315,6 +315,7 @@ def train_refineseg(images, positive=(), negative=(), background=(), *, config: 
 
     Examples
     --------
+    >>> import numpy as np
     >>> from napari_coarseseg import run_to_end, simulate
     >>> mask = np.zeros((32, 32), int); mask[8:24, 8:24] = 1
     >>> drawings = simulate(mask, erode=2, margin=3)
