@@ -241,7 +241,7 @@ class TrainWidget(QWidget):
             except OSError as error:  # a read-only home: train without a safety net rather than not at all
                 show_info(f"No checkpoints for this run (cannot create {checkpoint.parent}: {error}).")
                 checkpoint = None
-        layers = {role: self.roles[role].value() for role in method.role_names if self.roles[role].value()}
+        layers = {role: name for role in method.role_names if (name := self.roles[role].value())}
         lengths = {"steps": self.steps.value(), "iterations": self.iterations.value()}
         lengths = {setting: value for setting, value in lengths.items() if setting in method.length}
         preset = self.preset.currentText() or method.preset

@@ -164,14 +164,15 @@ def cmd_simulate(args) -> int:
 
 def _load_training_set(args):
     """The training images and, per role given, its layers matched to the images (None where missing)."""
+    # The options are checked before any file is read.
+    given = {role: getattr(args, role) for role in drawing_roles() if getattr(args, role)}
+    check_roles(get_method(args.method), given, spell=lambda role: f"--{role}")
     image_files = resolve_inputs(args.image)
     images = [read_tiff(p) for p in image_files]
 
     def layer(path, role):
         return [None if p is None else read_tiff(p) for p in match_by_name(image_files, path, role)]
 
-    given = {role: getattr(args, role) for role in drawing_roles() if getattr(args, role)}
-    check_roles(get_method(args.method), given, spell=lambda role: f"--{role}")
     return image_files, images, {role: [layer(p, role) for p in paths] for role, paths in given.items()}
 
 

@@ -117,11 +117,8 @@ class TrainingImages:
     def per_plane(self, per_image: list) -> list:
         """Per-image arrays (or None) cut into per-plane arrays (or None), in the order of ``planes``."""
         out = []
-        for array, shape in zip(per_image, self.image_shapes, strict=True):
-            if array is None:
-                out.extend([None] * (1 if len(shape) == 2 else shape[0]))
-            else:
-                out.extend(to_slices(array, len(shape)))
+        for array, planes, shape in zip(per_image, self.plane_of_image, self.image_shapes, strict=True):
+            out.extend([None] * len(planes) if array is None else to_slices(array, len(shape)))
         return out
 
     def masks_per_image(self, plane_labels: list[np.ndarray]) -> list[np.ndarray]:

@@ -288,8 +288,7 @@ class RecursiveTraining(TrainingLoop):
         n_labels = self.n_classes + 1
         foreground = [_foreground(*_split_tasks(maps, n_labels)[::2]) for maps in self.preview(_task_maps)]
         added = self.masks.grow(foreground, self.config.epsilon_train)
-        for i in self.masks.seeded_planes:
-            self.sampler.replace_target(1, i, self.masks.approximation(i))
+        self._approximations_to_sampler()
         self.pixels_added.append(added)
         return self.masks.masks(foreground), f"iteration {iteration}/{iterations}: {added} pixels added"
 
@@ -303,8 +302,13 @@ class RecursiveTraining(TrainingLoop):
 
     def restore_method_state(self, state, arrays):
         self.pixels_added = list(state["history"])
-        for i in self.masks.seeded_planes:  # the approximations reached, T2's targets
+        for i in self.masks.seeded_planes:  # the approximations reached
             self.masks.seeds[i] = arrays[f"approximation.{i}"].astype(self.masks.seeds[i].dtype)
+        self._approximations_to_sampler()
+
+    def _approximations_to_sampler(self):
+        """The current approximations become T2's targets (task 1 of the sampler)."""
+        for i in self.masks.seeded_planes:
             self.sampler.replace_target(1, i, self.masks.approximation(i))
 
     def card_fields(self):
