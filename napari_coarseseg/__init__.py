@@ -13,6 +13,7 @@ from .levelset import grow_regions, label_regions
 from .methods import METHODS, TrainingRun, load_model, predict
 from .methods.recursive import train_recursive
 from .methods.refineseg import train_refineseg
+from .metrics import dice, match_instances, mean_average_precision, object_f1
 from .model_io import Model, ModelFileError, list_shipped_models, read_card, save_model
 from .training import TrainingConfig, TrainingEvent, list_presets, load_preset, run_to_end, select_device
 
@@ -39,6 +40,10 @@ __all__ = [
     "simulate",
     "grow_regions",
     "label_regions",
+    "dice",
+    "match_instances",
+    "mean_average_precision",
+    "object_f1",
     "train_recursive",
     "train_refineseg",
     "validate_drawing",

@@ -284,42 +284,77 @@ def _parse_range(value, name: str) -> tuple[float, float]:
         low = high = float(value)
     else:
         low, high = (float(v) for v in value)
-    if low < 0 or high < low:
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high < low:
         raise AnnotationError(f"{name} must be a non-negative number or a range low-high, got {value!r}")
     return low, high
 
 
+#: The drawing styles of :func:`simulate`.
+STYLES = ("eroded", "scribble")
+
+#: Defaults of the scribble style's parameters (documented in :func:`simulate`).
+SCRIBBLE_DEFAULTS = dict(coverage=0.3, brush_width=(3.0, 8.0), edge_noise=2.0, undrawn=0.15, sloppy=0.1,
+                         negative_coverage=0.05, bias=0)
+#: Default partial fraction of each style: one fraction (eroded) or a per-object range (scribble).
+PARTIAL_DEFAULTS = {"eroded": 0.45, "scribble": (0.3, 0.6)}
+
+
 def simulate(
-    labels,
-    erode=(2, 4),
-    margin: float = 4,
-    partial_fraction: float = 0.45,
-    instances: bool = False,
-    seed: int | None = 0,
+    labels, erode=None, margin: float = 4, partial_fraction=None, instances: bool = False, seed: int | None = 0,
+    *, style: str = "eroded", coverage: float | None = None, brush_width=None, edge_noise: float | None = None,
+    undrawn: float | None = None, sloppy: float | None = None, negative_coverage: float | None = None,
+    bias: int | None = None,
 ) -> SimulatedDrawings:
-    """Simulate coarse drawings from a full mask (the protocol of RefineSeg [1]_).
+    """Simulate coarse drawings from a full mask: eroded masks (RefineSeg [1]_) or human-like scribbles.
 
     Parameters
     ----------
     labels : array_like of int
-        Full mask, 2-D or 3-D: a class mask (0 = background, k = class k)
-        or, with ``instances=True``, an instance mask whose objects are all
-        of class 1.
-    erode : float or (float, float)
-        Positive drawing: every object is eroded by a radius drawn uniformly
-        per object from this range (pixels). Objects thinner than their
-        radius leave no positive mark.
+        Full mask, 2-D or 3-D: a class mask (0 = background, k = class k) or,
+        with ``instances=True``, an instance mask whose objects are all class 1.
+    erode : float or (float, float), optional
+        Eroded style only. Positive drawing: every object eroded by a radius
+        drawn per object from this range (pixels; default 2-4).
     margin : float
-        Negative drawing: pixels farther than ``margin`` from class k (and
-        not of class k) are marked "not k". For several classes, each pixel
-        gets the nearest class it is not.
-    partial_fraction : float
-        Partial masks: the innermost ``partial_fraction`` of each object's
-        area (by distance to its border).
+        Negative drawing: only pixels farther than ``margin`` (pixels) from
+        class k, and not of class k, are marked "not k"; with several classes,
+        the nearest class a pixel is not. Default 4.
+    partial_fraction : float or (float, float), optional
+        Partial masks: the innermost this fraction of each object's area (by
+        distance to its border); a range draws one per object. Default 0.45
+        (eroded) or 0.3-0.6 (scribble, with the rough edge of ``edge_noise``).
     instances : bool
         Read ``labels`` as an instance mask.
     seed : int, optional
-        Seed of the per-object erosion radii.
+        Seed of every random choice: the same seed gives the same drawings.
+    style : {"eroded", "scribble"}
+        ``"eroded"`` (default): eroded expert masks, clean and complete.
+        ``"scribble"``: brush strokes as a person draws them, the parameters
+        below, each of which the eroded style refuses (AnnotationError).
+    coverage : float, optional
+        Fraction of each drawn object's area covered by positive strokes,
+        approximately (default 0.3; at most the area inside the rough edge).
+    brush_width : float or (float, float), optional
+        Brush diameter (pixels), drawn per stroke, rounded (default 3-8).
+    edge_noise : float, optional
+        Standard deviation (pixels) of the smooth noise (correlation about
+        8 px) that makes strokes stop at a wobbly line 0 to about twice this
+        inside the border, at most half an object's depth (default 2). It
+        also roughens the negative margin and the partial masks' border.
+    undrawn : float, optional
+        Fraction of objects with no positive stroke and no partial mask
+        (default 0.15).
+    sloppy : float, optional
+        Fraction of objects whose strokes may spill 2-3 px (per object) over
+        their border into the background, with their class (default 0.1).
+    negative_coverage : float, optional
+        Fraction of each "not k" region (beyond ``margin`` and the rough
+        edge) covered by negative strokes (default 0.05).
+    bias : int, optional
+        Systematic annotator error (pixels): every positive stroke dilated
+        (> 0, unclipped: it spills) or eroded (< 0) by ``abs(bias)`` after
+        drawing (default 0). Two annotators with opposite biases are two
+        calls, e.g. ``seed=1, bias=2`` and ``seed=2, bias=-2``.
 
     Returns
     -------
@@ -327,32 +362,258 @@ def simulate(
         ``positive``, ``negative`` and ``partial`` label arrays of the mask's
         shape, and the class mask used.
 
+    Raises
+    ------
+    AnnotationError
+        A parameter out of range or of the other style, or an unusable mask.
+
     Notes
     -----
-    Everything is computed with a few Euclidean distance transforms and
-    per-label reductions: no loop over objects or pixels.
+    Eroded: distance transforms and per-label reductions, 3-D distances for
+    a stack. Scribble: each round's strokes are random walks generated at
+    once as arrays; a stack is drawn slice by slice (walks, brush, depths in
+    the plane) with per-object choices shared by its slices and the
+    negative regions measured in 3-D.
     """
-    labels = _checked_full_mask(labels, instances)
-    if not 0 < partial_fraction <= 1:
-        raise AnnotationError(f"partial_fraction must be in (0, 1], got {partial_fraction}")
-    low, high = _parse_range(erode, "erode")
-    if margin < 0:
+    scribble = _style_options(style, erode, dict(
+        coverage=coverage, brush_width=brush_width, edge_noise=edge_noise, undrawn=undrawn, sloppy=sloppy,
+        negative_coverage=negative_coverage, bias=bias))
+    fraction = _parse_fraction(PARTIAL_DEFAULTS[style] if partial_fraction is None else partial_fraction)
+    radii = _parse_range((2.0, 4.0) if erode is None else erode, "erode")
+    if not margin >= 0:
         raise AnnotationError(f"margin must be non-negative, got {margin}")
+    labels = _checked_full_mask(labels, instances)
 
     instance_mask, class_mask = _instance_and_class_masks(labels, instances)
+    rng = np.random.default_rng(seed)
+    if scribble is None:
+        positive, negative, partial = _eroded(instance_mask, class_mask, radii, margin, fraction, rng)
+    else:
+        positive, negative, partial = _scribbled(instance_mask, class_mask, margin, fraction, scribble, rng)
+    dtype = label_dtype(int(class_mask.max()))
+    return SimulatedDrawings(positive=positive.astype(dtype), negative=negative.astype(dtype),
+                             partial=partial.astype(dtype), classes=class_mask.astype(dtype))
+
+
+@dataclass(frozen=True)
+class _Scribble:
+    """The scribble style's parameters, checked (meanings in :func:`simulate`)."""
+
+    coverage: float
+    brush_width: tuple[float, float]
+    edge_noise: float
+    undrawn: float
+    sloppy: float
+    negative_coverage: float
+    bias: int
+
+
+def _style_options(style, erode, scribble_given: dict) -> _Scribble | None:
+    """The checked scribble parameters (None for the eroded style), or an AnnotationError naming the problem."""
+    if style not in STYLES:
+        raise AnnotationError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
+    given = [name for name, value in scribble_given.items() if value is not None]
+    if style == "eroded":
+        if given:
+            raise AnnotationError(f"{given[0]} applies only to style 'scribble', not 'eroded'")
+        return None
+    if erode is not None:
+        raise AnnotationError("erode applies only to style 'eroded', not 'scribble'")
+    values = {**SCRIBBLE_DEFAULTS, **{name: scribble_given[name] for name in given}}
+    for name in ("coverage", "undrawn", "sloppy", "negative_coverage"):
+        if not 0 <= values[name] <= 1:
+            raise AnnotationError(f"{name} must be a fraction in [0, 1], got {values[name]}")
+    width = _parse_range(values["brush_width"], "brush_width")
+    if width[0] < 1:
+        raise AnnotationError(f"brush_width must be at least 1 pixel, got {values['brush_width']!r}")
+    if not 0 <= values["edge_noise"] < np.inf:
+        raise AnnotationError(f"edge_noise must be a non-negative number of pixels, got {values['edge_noise']}")
+    if not (np.isfinite(values["bias"]) and float(values["bias"]).is_integer()):
+        raise AnnotationError(f"bias must be a whole number of pixels, got {values['bias']}")
+    return _Scribble(**{**values, "brush_width": width, "bias": int(values["bias"])})
+
+
+def _parse_fraction(value) -> tuple[float, float]:
+    """A fraction in (0, 1] or a range of them, as (low, high)."""
+    low, high = (value, value) if np.isscalar(value) else tuple(value)
+    if not 0 < low <= high <= 1:
+        raise AnnotationError(f"partial_fraction must be in (0, 1] (a number or a range low-high), got {value!r}")
+    return float(low), float(high)
+
+
+def _eroded(instance_mask, class_mask, radii, margin, fraction, rng):
+    """The eroded style's (positive, negative, partial) (RefineSeg's protocol)."""
     distance = _distance_inside_objects(instance_mask)
     # Positive: pixels deeper than the object's own random radius.
-    rng = np.random.default_rng(seed)
-    radius_of_object = rng.uniform(low, high, size=int(instance_mask.max()) + 1)
+    n_objects = int(instance_mask.max()) + 1
+    radius_of_object = rng.uniform(*radii, size=n_objects)
     positive = np.where(distance > radius_of_object[instance_mask], class_mask, 0)
+    # One fraction, or one per object drawn after the radii (so the radii do not depend on it).
+    share = fraction[0] if fraction[0] == fraction[1] else rng.uniform(*fraction, size=n_objects)
+    partial = _innermost_fraction(instance_mask, class_mask, distance, share)
+    return positive, _negative_beyond(class_mask, margin), partial
 
-    dtype = label_dtype(int(class_mask.max()))
-    return SimulatedDrawings(
-        positive=positive.astype(dtype),
-        negative=_negative_beyond(class_mask, margin).astype(dtype),
-        partial=_innermost_fraction(instance_mask, class_mask, distance, partial_fraction).astype(dtype),
-        classes=class_mask.astype(dtype),
-    )
+
+# Scribble style: the walk turns by this many radians per one-pixel step (standard deviation), the
+# rough edge's noise is smoothed with this sigma (a correlation length of about 8 px), and strokes
+# are at most this many steps long (positive, negative).
+TURN_PER_STEP = 0.35
+EDGE_SIGMA = 4.0
+MAX_STEPS = {"positive": 30, "negative": 80}
+TOP_UP_ROUNDS = 6
+
+
+@dataclass(frozen=True)
+class _ObjectChoices:
+    """What the annotator decided per object id (shared by all slices of a stack)."""
+
+    class_of: np.ndarray  # class of each object id
+    drawn: np.ndarray  # gets positive strokes and a partial mask
+    spill: np.ndarray  # pixels a sloppy object's strokes may spill over its border (0: not sloppy)
+    share: np.ndarray  # fraction of the object in its partial mask
+
+
+def _scribbled(instance_mask, class_mask, margin, fraction, options: _Scribble, rng):
+    """The scribble style's (positive, negative, partial); a stack is drawn slice by slice."""
+    n_objects = int(instance_mask.max()) + 1
+    class_of = np.zeros(n_objects, dtype=np.int64)
+    class_of[instance_mask] = class_mask
+    drawn = rng.random(n_objects) >= options.undrawn
+    spill = np.where(rng.random(n_objects) < options.sloppy, rng.uniform(2, 3, n_objects), 0.0)
+    drawn[0], spill[0] = False, 0.0  # id 0 is the background, not an object
+    objects = _ObjectChoices(class_of, drawn, spill, rng.uniform(*fraction, n_objects))
+    field = _rough_field(instance_mask.shape, options.edge_noise, rng)
+    # 3-D distances for a stack: farther than the margin in 3-D is farther in every slice too.
+    negative_region = _negative_beyond(class_mask, margin + np.abs(field))
+    planes = [array.reshape((-1,) + instance_mask.shape[-2:]) for array in (instance_mask, negative_region, field)]
+    drawings = [_scribble_plane(*plane, objects, options, rng)  # a loop over slices (one for 2-D)
+                for plane in zip(*planes, strict=True)]
+    return tuple(np.stack(role).reshape(instance_mask.shape) for role in zip(*drawings, strict=True))
+
+
+def _scribble_plane(instance, negative_region, field, objects: _ObjectChoices, options: _Scribble, rng):
+    """Positive, negative and partial scribbles of one 2-D plane."""
+    distance = _distance_inside_objects(instance)
+    n_objects = objects.class_of.size
+    target = options.coverage * np.bincount(instance.ravel(), minlength=n_objects) * objects.drawn
+    owner = _paint_strokes(_positive_region(instance, distance, field, objects.spill), target,
+                           options.brush_width, MAX_STEPS["positive"], rng)
+    positive = _biased(objects.class_of[owner], options.bias)
+    n_classes = int(objects.class_of.max()) + 1
+    negative_target = options.negative_coverage * np.bincount(negative_region.ravel(), minlength=n_classes)
+    negative = _paint_strokes(negative_region, negative_target, options.brush_width, MAX_STEPS["negative"], rng)
+    # Partial: the innermost share by a depth with a rough edge; undrawn objects have none.
+    partial = _innermost_fraction(instance, objects.class_of[instance], distance - field, objects.share)
+    return positive, negative, np.where(objects.drawn[instance], partial, 0)
+
+
+def _rough_field(shape, amplitude: float, rng) -> np.ndarray:
+    """Smooth noise in pixels (standard deviation ``amplitude``): white noise Gaussian-filtered in each plane."""
+    noise = ndi.gaussian_filter(rng.standard_normal(shape), (0,) * (len(shape) - 2) + (EDGE_SIGMA,) * 2,
+                                mode="wrap")
+    return amplitude * noise / max(float(noise.std()), 1e-12)
+
+
+def _positive_region(instance, distance, field, spill) -> np.ndarray:
+    """Where each object's strokes may go, as its id (0: nowhere).
+
+    Inside the object deeper than the rough edge ``|field|`` (at most half
+    the object's depth, so small objects keep their middle); a sloppy
+    object's region is instead the object dilated by its spill, over the
+    background only.
+    """
+    ids = np.arange(spill.size)
+    depth = np.asarray(ndi.maximum(distance, instance, ids))
+    threshold = np.minimum(np.abs(field), 0.5 * depth[instance])
+    region = np.where(distance > threshold, instance, 0)
+    sloppy = spill[instance] > 0
+    if sloppy.any():
+        outside, nearest = ndi.distance_transform_edt(~sloppy, return_indices=True)
+        nearest_id = instance[tuple(nearest)]
+        zone = (outside <= spill[nearest_id]) & ((instance == 0) | sloppy)
+        region = np.where(zone, nearest_id, region)
+    return region
+
+
+def _paint_strokes(region, target, width_range, max_steps: int, rng) -> np.ndarray:
+    """Brush strokes in each owner's ``region`` until about ``target[owner]`` of its pixels are painted.
+
+    Returns the owner id of every painted pixel (0: unpainted). Strokes
+    overlap and get cut where they leave their region, so a few rounds top
+    up what is still missing, each round's strokes all generated at once.
+    """
+    n_owners = target.size
+    flat = region.ravel()
+    count = np.bincount(flat, minlength=n_owners)
+    first = np.cumsum(count) - count  # where each owner's pixels start in `order`
+    order = np.argsort(flat, kind="stable")
+    target = np.where(count > 0, target, 0.0)
+    target[0] = 0
+    mean_width = float(np.mean(width_range))
+    painted = np.zeros_like(region)
+    for round_ in range(TOP_UP_ROUNDS):  # a loop over rounds, not strokes
+        missing = target - np.bincount(painted.ravel(), minlength=n_owners)
+        # Top-ups only where a real part is missing: a stroke is coarse, and overshoot is worse than a little less.
+        missing[(missing <= 0) | ((missing < 0.1 * target) & (round_ > 0))] = 0
+        n_strokes = np.ceil(missing / (mean_width * max_steps)).astype(np.int64)
+        owner = np.repeat(np.arange(n_owners), n_strokes)
+        if owner.size == 0:
+            break
+        width = np.maximum(1.0, np.round(rng.uniform(*width_range, owner.size)))
+        # A stroke of length L covers about width * (L - 1) plus its two round caps (a disc).
+        share = missing[owner] / n_strokes[owner] - np.pi * width**2 / 4
+        length = np.clip(np.round(share / width) + 1, 1, max_steps).astype(np.int64)
+        start = order[first[owner] + (rng.random(owner.size) * count[owner]).astype(np.int64)]
+        points, valid = _brush_walks(np.stack(np.unravel_index(start, region.shape), axis=-1), length, rng)
+        painted = _paint(painted, region, points, valid, owner, width)
+    return painted
+
+
+def _brush_walks(start, length, rng):
+    """Random walks of one-pixel steps whose direction turns smoothly: (points (S, T, 2) int, valid (S, T)).
+
+    The heading is a random start plus the cumulative sum of small random
+    turns; stroke s is valid for its first ``length[s]`` points.
+    """
+    n_steps = int(length.max())
+    turn = rng.normal(0.0, TURN_PER_STEP, (start.shape[0], n_steps))
+    turn[:, 0] = rng.uniform(0, 2 * np.pi, start.shape[0])
+    heading = np.cumsum(turn, axis=1)
+    step = np.stack([np.sin(heading), np.cos(heading)], axis=-1)
+    step[:, 0] = 0  # the first point is the start
+    points = np.rint(start[:, None, :] + np.cumsum(step, axis=1)).astype(np.int64)
+    return points, np.arange(n_steps) < length[:, None]
+
+
+def _paint(painted, region, points, valid, owner, width) -> np.ndarray:
+    """Add the strokes to ``painted``: each stroke ends where it first leaves its owner's region (a pen lifted
+    at the edge, so a stroke stays one piece), is widened to its brush (one distance transform per brush width)
+    and clipped to the owner's region."""
+    in_image = np.all((points >= 0) & (points < np.array(region.shape)), axis=-1)
+    y, x = np.where(in_image[..., None], points, 0).transpose(2, 0, 1)
+    ahead = valid & in_image & (region[y, x] == owner[:, None])
+    drawn = np.cumprod(ahead, axis=1).astype(bool)
+    y, x = y[drawn], x[drawn]
+    point_owner = np.broadcast_to(owner[:, None], valid.shape)[drawn]
+    point_width = np.broadcast_to(width[:, None], valid.shape)[drawn]
+    for brush in np.unique(point_width):  # a handful of brush widths
+        chosen = point_width == brush
+        seeds = np.zeros(region.shape, dtype=np.int64)
+        seeds[y[chosen], x[chosen]] = point_owner[chosen]
+        distance, nearest = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+        nearest_owner = seeds[tuple(nearest)]
+        painted = np.where((distance <= brush / 2) & (region == nearest_owner), nearest_owner, painted)
+    return painted
+
+
+def _biased(positive, bias: int) -> np.ndarray:
+    """``positive`` dilated (bias > 0, not clipped to anything) or eroded (bias < 0) by ``abs(bias)`` pixels."""
+    if bias == 0 or not positive.any():
+        return positive
+    if bias > 0:
+        distance, nearest = ndi.distance_transform_edt(positive == 0, return_indices=True)
+        return np.where(distance <= bias, positive[tuple(nearest)], 0)
+    return np.where(ndi.distance_transform_edt(positive > 0) > -bias, positive, 0)
 
 
 def _checked_full_mask(labels, instances: bool) -> np.ndarray:
@@ -398,8 +659,10 @@ def _negative_beyond(class_mask: np.ndarray, margin: float) -> np.ndarray:
     return negative
 
 
-def _innermost_fraction(instance_mask, class_mask, distance, fraction: float) -> np.ndarray:
+def _innermost_fraction(instance_mask, class_mask, distance, fraction) -> np.ndarray:
     """The innermost ``fraction`` of each object's area (by ``distance`` inside it), labelled by class.
+
+    ``fraction`` is one number or an array of one per object id.
 
     Pixels are ranked by depth within their object: one lexicographic sort
     groups them by object, deepest first, with no loop over objects.
@@ -411,7 +674,8 @@ def _innermost_fraction(instance_mask, class_mask, distance, fraction: float) ->
     first_of_object = np.searchsorted(sorted_ids, sorted_ids, side="left")
     rank = np.arange(order.size) - first_of_object
     counts = np.bincount(flat_ids, minlength=int(flat_ids.max()) + 1)
-    keep = rank < np.maximum(1, np.round(fraction * counts[sorted_ids]))
+    share = fraction[sorted_ids] if np.ndim(fraction) else fraction
+    keep = rank < np.maximum(1, np.round(share * counts[sorted_ids]))
     partial = np.zeros(instance_mask.size, dtype=np.int64)
     partial[order[keep]] = class_mask.ravel()[order[keep]]
     return partial.reshape(instance_mask.shape)

@@ -39,6 +39,17 @@ def _parse_erode(text: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
+def _range_of(what: str, example: str):
+    """An argparse type reading ``"3"`` or ``"3-8"`` as (low, high), saying ``what`` is expected if not."""
+    def parse(text: str) -> tuple[float, float]:
+        try:
+            return _parse_erode(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected {what} like {example.split('-')[0]} or a range like "
+                                             f"{example}, got {text!r}") from None
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coarseseg",
@@ -52,15 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write positive.tif, negative.tif and partial.tif simulated from a full mask.")
     sim.add_argument("labels", help="full mask TIFF (0 = background, 1..K = classes, or instances)")
     sim.add_argument("--out-dir", required=True, help="folder for positive.tif, negative.tif, partial.tif")
-    sim.add_argument("--erode", type=_parse_erode, default=(2.0, 4.0),
-                     help="erosion radius of positive drawings, a number or a range low-high (default 2-4)")
+    sim.add_argument("--style", choices=["eroded", "scribble"], default="eroded",
+                     help="eroded: eroded expert masks (clean); scribble: brush strokes as a person draws "
+                          "them (default eroded)")
+    sim.add_argument("--erode", type=_parse_erode,
+                     help="eroded style: erosion radius of positive drawings, a number or a range low-high "
+                          "(default 2-4)")
     sim.add_argument("--margin", type=float, default=4.0,
                      help="negative drawings start this many pixels outside a class (default 4)")
-    sim.add_argument("--partial-fraction", type=float, default=0.45,
-                     help="fraction of each object's area kept in the partial mask (default 0.45)")
+    sim.add_argument("--partial-fraction", type=_range_of("a fraction", "0.3-0.6"),
+                     help="fraction of each object's area kept in the partial mask, a number or a range drawn "
+                          "per object (default 0.45 eroded, 0.3-0.6 scribble)")
     sim.add_argument("--instances", action="store_true",
                      help="the mask is an instance mask (one value per object, all of class 1)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of the per-object erosion radii (default 0)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    # The scribble style's options; None = the default of annotations.simulate (refused with --style eroded).
+    sim.add_argument("--coverage", type=float,
+                     help="scribble: fraction of each drawn object covered by positive strokes (default 0.3)")
+    sim.add_argument("--brush-width", type=_range_of("a width", "3-8"),
+                     help="scribble: brush diameter in pixels, a number or a range drawn per stroke (default 3-8)")
+    sim.add_argument("--edge-noise", type=float,
+                     help="scribble: amplitude in pixels of the wobble of stroke ends near borders (default 2)")
+    sim.add_argument("--undrawn", type=float,
+                     help="scribble: fraction of objects left without positive strokes (default 0.15)")
+    sim.add_argument("--sloppy", type=float,
+                     help="scribble: fraction of objects whose strokes spill 2-3 pixels over the border "
+                          "(default 0.1)")
+    sim.add_argument("--negative-coverage", type=float,
+                     help="scribble: fraction of the region beyond --margin covered by negative strokes "
+                          "(default 0.05)")
+    sim.add_argument("--bias", type=int,
+                     help="scribble: annotator bias, positive strokes dilated (>0) or eroded (<0) by this many "
+                          "pixels (default 0)")
 
     train = sub.add_parser("train", help="train a model from an image and its coarse drawings",
                            description="Train a model. IMAGE and drawings are TIFFs of identical shape, or "
@@ -146,12 +180,13 @@ def _output_path(path, suffix: str | None = None) -> Path:
 
 
 def cmd_simulate(args) -> int:
-    from .annotations import simulate
+    from .annotations import SCRIBBLE_DEFAULTS, simulate
 
     out_dir = Path(args.out_dir)
     labels = read_tiff(args.labels)
+    scribble = {name: getattr(args, name) for name in SCRIBBLE_DEFAULTS}  # None where not given
     drawings = simulate(labels, erode=args.erode, margin=args.margin, partial_fraction=args.partial_fraction,
-                        instances=args.instances, seed=args.seed)
+                        instances=args.instances, seed=args.seed, style=args.style, **scribble)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = write_all({
         out_dir / "positive.tif": drawings.positive,

@@ -16,6 +16,7 @@ from .annotations import simulate
 from .io import write_all
 from .methods import predict
 from .methods.refineseg import train_refineseg
+from .metrics import dice  # re-exported: the benchmarks import dice from here
 from .model_io import atomic_write, save_model
 from .samples import load_dsb_nuclei
 from .training import load_preset, run_to_end
@@ -25,13 +26,6 @@ POSITIVE_COLOUR = (60, 220, 60)
 NEGATIVE_COLOUR = (220, 60, 220)
 PREDICTION_COLOUR = (255, 210, 0)
 EXPERT_COLOUR = (0, 200, 255)
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks (1.0 when both are empty)."""
-    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
-    total = prediction.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(prediction, truth).sum() / total)
 
 
 def _grey_rgb(image: np.ndarray) -> np.ndarray:
