@@ -4,13 +4,16 @@
   and schedule as refineseg, trained with plain cross-entropy on a dense mask
   (used for the naive baseline, drawings taken as full masks, and for the
   fully supervised reference on the expert mask).
-- :func:`random_forest_segment`: scikit-image's trainable segmentation
+- :func:`random_forest_fit` / :func:`random_forest_predict` (and both in one
+  call, :func:`random_forest_segment`): scikit-image's trainable segmentation
   (multiscale_basic_features + a random forest), the ilastik-style pixel
-  classifier, trained on the same drawings.
+  classifier, trained on the same drawings; trees, depth and feature scales
+  are parameters so that they can be tuned on validation like our settings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -72,33 +75,71 @@ def predict_dense(network, image, device="auto"):
     return probabilities[0].argmax(0)
 
 
-def random_forest_segment(train_images, train_labels, test_image, seed=0, n_estimators=50):
-    """scikit-image trainable segmentation: returns ``(labels, seconds)``.
+_FEATURES: dict = {}
+_FEATURE_SECONDS: dict = {}
+
+
+def _feature_key(image, sigma_max):
+    return hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest(), image.shape, float(sigma_max)
+
+
+def forest_features(image, sigma_max: float = 16) -> np.ndarray:
+    """ilastik-style pixel features (intensity, edges, texture at scales 1..sigma_max), float32, cached per image."""
+    from skimage.feature import multiscale_basic_features
+
+    image = np.asarray(image)
+    key = _feature_key(image, sigma_max)
+    if key not in _FEATURES:
+        start = time.perf_counter()
+        _FEATURES[key] = multiscale_basic_features(normalize(image), intensity=True, edges=True, texture=True,
+                                                   sigma_min=1, sigma_max=sigma_max).astype(np.float32)
+        _FEATURE_SECONDS[key] = time.perf_counter() - start
+    return _FEATURES[key]
+
+
+def feature_seconds(image, sigma_max: float = 16) -> float:
+    """Seconds :func:`forest_features` took to compute the (cached) features of ``image``."""
+    image = np.asarray(image)
+    forest_features(image, sigma_max)
+    return _FEATURE_SECONDS[_feature_key(image, sigma_max)]
+
+
+def random_forest_fit(train_images, train_labels, seed=0, n_estimators=50, max_depth=10, sigma_max=16,
+                      max_samples=0.05):
+    """Fit scikit-image-style trainable segmentation on drawn pixels; returns the fitted forest.
 
     ``train_labels`` use scikit-image's convention: 0 = unlabelled, 1 =
-    background, 2 = foreground (class k is k + 1). ``test_image`` may be a
-    list of images (one classifier, a list of label images back).
+    background, 2 = foreground (class k is k + 1).
     """
-    from functools import partial
-
-    from skimage.feature import multiscale_basic_features
     from sklearn.ensemble import RandomForestClassifier
 
-    features = partial(multiscale_basic_features, intensity=True, edges=True, texture=True, sigma_min=1,
-                       sigma_max=16)
-    start = time.perf_counter()
     xs, ys = [], []
     for image, labels in zip(train_images, train_labels, strict=True):
-        f = features(normalize(image))
         drawn = labels > 0
-        xs.append(f[drawn])
+        xs.append(forest_features(image, sigma_max)[drawn])
         ys.append(labels[drawn])
-    classifier = RandomForestClassifier(n_estimators=n_estimators, n_jobs=-1, max_depth=10, max_samples=0.05,
-                                        random_state=seed)
-    classifier.fit(np.concatenate(xs), np.concatenate(ys))
-    predictions = []
-    for image in test_image if isinstance(test_image, (list, tuple)) else [test_image]:
-        f = features(normalize(image))
-        predictions.append(classifier.predict(f.reshape(-1, f.shape[-1])).reshape(image.shape) - 1)
+    forest = RandomForestClassifier(n_estimators=n_estimators, n_jobs=-1, max_depth=max_depth,
+                                    max_samples=max_samples, random_state=seed)
+    forest.fit(np.concatenate(xs), np.concatenate(ys))
+    forest.sigma_max = sigma_max
+    return forest
+
+
+def random_forest_predict(forest, image) -> np.ndarray:
+    """Class map (0 = background, k = class k) of a forest from :func:`random_forest_fit` on one 2-D image."""
+    features = forest_features(image, forest.sigma_max)
+    return forest.predict(features.reshape(-1, features.shape[-1])).reshape(np.shape(image)) - 1
+
+
+def random_forest_segment(train_images, train_labels, test_image, seed=0, n_estimators=50):
+    """Fit and predict in one call: returns ``(labels, seconds)`` (seconds include the test features).
+
+    ``test_image`` may be a list of images (one classifier, a list of label
+    images back).
+    """
+    start = time.perf_counter()
+    forest = random_forest_fit(train_images, train_labels, seed=seed, n_estimators=n_estimators)
+    predictions = [random_forest_predict(forest, image)
+                   for image in (test_image if isinstance(test_image, (list, tuple)) else [test_image])]
     seconds = time.perf_counter() - start
     return (predictions if isinstance(test_image, (list, tuple)) else predictions[0]), seconds

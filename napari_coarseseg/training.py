@@ -53,6 +53,11 @@ class TrainingConfig:
         Refineseg loss weights (eq. 2-8).
     diagonal_bias : float
         Initial diagonal logit of the transition heads.
+    transition_heads : bool
+        Refineseg: learn a transition head per drawing layer (the method).
+        ``False`` holds every head at the identity, which leaves a partial
+        cross-entropy + Dice on the drawn pixels (positives and negatives):
+        the no-heads control the heads must beat.
     drawn_fraction : float
         Fraction of patches centred on a drawn pixel.
     jitter : float
@@ -94,6 +99,7 @@ class TrainingConfig:
     beta: float = 0.4
     regulariser_weight: float = 0.2
     diagonal_bias: float = 4.0
+    transition_heads: bool = True
     drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50

@@ -67,3 +67,39 @@ def test_every_figure_block_of_the_readme_names_a_benchmark_run_all_runs(run_all
 
     names = re.findall(r"<!-- results:(\w+) -->\n", run_all.README.read_text())
     assert set(names) == set(run_all.BENCHMARKS), "each benchmark has one block in the README, and only those"
+
+
+@pytest.fixture
+def realdata(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    yield importlib.import_module("realdata")
+    for name in ("realdata", "report", "baselines"):
+        sys.modules.pop(name, None)
+
+
+def test_realdata_chooses_each_variant_on_validation_never_on_test(realdata):
+    """The variant with the best mean validation Dice is reported, whatever its test Dice."""
+
+    def record(variant, seed, val, test):
+        return {"dataset": "d", "method": "m", "variant": variant, "bias": 0, "annotators": 1, "seed": seed,
+                "val": {"dice": val}, "test": {"dice": test}}
+
+    runs = {str(i): r for i, r in enumerate([
+        record("good on test", 0, 0.80, 0.99), record("good on test", 1, 0.82, 0.99),
+        record("good on val", 0, 0.90, 0.70), record("good on val", 1, 0.88, 0.71),
+        record("other bias", 0, 0.99, 0.99) | {"bias": 2},
+    ])}
+    variant, chosen = realdata.selected(runs, "d", "m")
+    assert variant == "good on val"
+    assert [r["seed"] for r in chosen] == [0, 1]
+    assert realdata.selected(runs, "d", "m", bias=2)[0] == "other bias"
+    assert realdata.selected(runs, "other", "m") == (None, [])
+
+
+def test_realdata_splits_share_no_image(realdata):
+    """Train, validation and test hold different quadrants / slices, and EM slices are far apart."""
+    for splits in (realdata.DSB_SPLITS, realdata.EM_SPLITS):
+        seen = [item for split in ("train", "val", "test") for item in splits[split]]
+        assert len(seen) == len(set(seen))
+    em = realdata.EM_SPLITS
+    assert min(em["val"]) - max(em["train"]) >= 5 and min(em["test"]) - max(em["val"]) >= 5

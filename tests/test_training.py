@@ -19,6 +19,7 @@ from napari_coarseseg import (
     select_device,
     train_refineseg,
 )
+from napari_coarseseg.data import TrainingImages
 from napari_coarseseg.methods import _loop, refineseg
 from napari_coarseseg.training import models_dir
 
@@ -186,6 +187,47 @@ def test_learns_discs_from_coarse_drawings(discs, disc_drawings, disc_model):
     assert card["training"]["steps"] == 150 and card["network"]["base_channels"] == 8
     assert card["heads"] == ["positive 1", "negative 1"]
 
+
+
+# --------------------------------------------------------------------------- the no-heads control
+
+
+def test_without_heads_the_loss_is_partial_cross_entropy_and_dice_of_p(discs, disc_drawings):
+    """transition_heads=False: q = p, so the loss is alpha CE + beta Dice of p on the positive strokes plus
+    -log(1 - p_k) on the "not k" strokes (two labels), and nothing else; the model has no head."""
+    image, _ = discs
+    images = TrainingImages(image)
+    drawings = refineseg.RefinesegDrawings(images, [disc_drawings.positive], [disc_drawings.negative])
+    settings = {k: v for k, v in TINY.items() if k != "device"}
+    config = load_preset("refineseg").replace(transition_heads=False, **settings)
+    loop = refineseg.RefinesegTraining(images, drawings, config, seed=0, device="cpu")
+    assert len(loop.modules["heads"]) == 0
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, generator=generator)
+    positive = torch.full((2, 8, 8), -1)
+    positive[:, 2:5, 2:5] = 1
+    positive[:, 0, :] = 0
+    negative = torch.full((2, 8, 8), -1)
+    negative[:, 6:, :] = 1  # "not class 1"
+    terms = loop.loss_terms((logits, []), [positive, negative])
+
+    p = torch.softmax(logits, dim=1)
+    drawn = positive >= 0
+    p_drawn = p.gather(1, positive.clamp(min=0)[:, None])[:, 0][drawn]
+    cross_entropy = -torch.log(p_drawn).mean()
+    dice_per_class = []
+    for k in (0, 1):
+        target_k = (positive == k) & drawn
+        dice_per_class.append(2 * (p[:, k] * target_k).sum() / (p[:, k][drawn].sum() + target_k.sum()))
+    expected_positive = 0.6 * cross_entropy + 0.4 * (1 - torch.stack(dice_per_class).mean())
+    expected_negative = -torch.log(1 - p[:, 1][negative >= 0]).mean()
+    assert torch.allclose(terms["positive"], expected_positive, atol=1e-5)
+    assert torch.allclose(terms["negative"], expected_negative, atol=1e-5)
+    assert float(terms["regulariser"]) == 0
+    model = run_to_end(train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative],
+                                       transition_heads=False, **TINY))
+    assert len(model.heads) == 0 and model.card["network"]["n_heads"] == 0
+    assert predict(model, image, device="cpu").labels.shape == image.shape
 
 # --------------------------------------------------------------------------- input errors
 

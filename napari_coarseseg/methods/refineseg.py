@@ -227,7 +227,7 @@ class RefinesegTraining(TrainingLoop):
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
         network = UNet(self.images.channels, n_labels, config.base_channels, config.depth)
-        n_heads = self.n_positive + len(self.drawings.negative_targets)
+        n_heads = self.n_positive + len(self.drawings.negative_targets) if config.transition_heads else 0
         heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
                                for _ in range(n_heads)])
         return {"network": network, "heads": heads}
@@ -242,10 +242,17 @@ class RefinesegTraining(TrainingLoop):
     def loss_terms(self, outputs, targets):
         logits, transitions = outputs
         probabilities = torch.softmax(logits.float(), dim=1)
-        transitions = [a.float() for a in transitions]
+        transitions = [a.float() for a in transitions] or self._identity_heads(probabilities, len(targets))
         n, config = self.n_positive, self.config
         return refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
                               list(targets[n:]), config.alpha, config.beta, config.regulariser_weight)
+
+    @staticmethod
+    def _identity_heads(probabilities: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
+        """Heads held at the identity (``transition_heads=False``): ``q = p``, a regulariser of 0."""
+        batch, n_labels, height, width = probabilities.shape
+        identity = torch.eye(n_labels, device=probabilities.device).view(1, n_labels, n_labels, 1, 1)
+        return [identity.expand(batch, n_labels, n_labels, height, width)] * n_layers
 
     def initial_masks(self):
         return self.drawings.drawn_masks()
