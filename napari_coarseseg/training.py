@@ -85,6 +85,11 @@ class TrainingConfig:
         Recursive method: at prediction, T1's foreground counts only within
         this many pixels of T2's regions (``final_growth``); stored in the
         model card.
+    prediction_seed_level : float
+        Recursive method: at prediction, T2's regions grow from their cores,
+        the pixels where T2's object probability is at least this fraction
+        of the region's highest (0: the whole region), so that touching
+        objects whose T2 regions join are two seeds; stored in the model card.
     """
 
     steps: int = 300
@@ -109,6 +114,7 @@ class TrainingConfig:
     task_weights: dict = field(default_factory=lambda: {"strong": 1.0, "partial": 1.0, "separation": 0.5})
     certain_pixels: bool = False
     prediction_gate: float = 4.0
+    prediction_seed_level: float = 0.0
     checkpoint_every: int = 50
 
     def replace(self, **changes) -> "TrainingConfig":

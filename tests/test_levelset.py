@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_coarseseg.levelset import grow_regions, label_regions
+from napari_coarseseg.levelset import grow_regions, label_regions, separate_objects
 from napari_coarseseg.samples import load_dsb_nuclei
 
 
@@ -125,12 +125,87 @@ def test_label_regions_splits_classes_and_components():
     np.testing.assert_array_equal(classes[objects], mask)
 
 
+def test_separate_objects_cuts_a_one_pixel_line_between_touching_objects():
+    ids = np.zeros((12, 20), np.int32)
+    ids[2:10, 2:10] = 1
+    ids[2:10, 10:18] = 2  # touches object 1 along column 9 | 10
+    ids[0, 19] = 3  # a single object far from the others
+    keep = np.zeros(ids.shape, bool)
+    keep[4:8, 4:8] = keep[4:8, 12:16] = True  # the seeds, inside
+    separated = separate_objects(ids, keep=keep)
+    assert separated.dtype == ids.dtype
+    # a 1 px line: column 9 (object 1's side) becomes background, nothing else changes
+    expected = ids.copy()
+    expected[2:10, 9] = 0
+    np.testing.assert_array_equal(separated, expected)
+    assert (separated[keep] == ids[keep]).all()
+    assert ndi.label(separated > 0, np.ones((3, 3)))[1] == 3  # apart even for 8-connectivity
+    # a single object, or width 0, is untouched
+    np.testing.assert_array_equal(separate_objects(np.where(ids == 1, 1, 0)), np.where(ids == 1, 1, 0))
+    np.testing.assert_array_equal(separate_objects(ids, width=0), ids)
+    # width 2: a 2 px gap
+    assert (separate_objects(ids, width=2)[2:10, 8:10] == 0).all()
+
+
+def test_separate_objects_never_cuts_the_seeds():
+    ids = np.zeros((5, 8), np.int64)
+    ids[:, :4], ids[:, 4:] = 1, 2
+    keep = np.zeros(ids.shape, bool)
+    keep[:, 3] = True  # object 1's seed reaches the interface: object 2 gives way
+    separated = separate_objects(ids, keep=keep)
+    assert (separated[:, 3] == 1).all() and (separated[:, 4] == 0).all() and (separated[:, 5:] == 2).all()
+    keep[:, 4] = True  # two seeds touching directly: left as drawn
+    np.testing.assert_array_equal(separate_objects(ids, keep=keep), ids)
+
+
+def test_separate_objects_keeps_apart_objects_of_one_class_only():
+    ids = np.zeros((5, 9), np.int64)
+    ids[:, :3], ids[:, 3:6], ids[:, 6:] = 1, 2, 3
+    classes = np.array([0, 1, 2, 2])  # object 1 is class 1, objects 2 and 3 class 2
+    separated = separate_objects(ids, object_classes=classes)
+    assert (separated[:, :5] == ids[:, :5]).all()  # classes 1 and 2 touch: told apart by their class
+    assert (separated[:, 5] == 0).all() and (separated[:, 6:] == 3).all()
+
+
+def test_touching_objects_of_one_class_grow_into_two_regions():
+    """The nearest-seed split leaves no gap; with separate_objects the class map has two connected regions."""
+    shape = (40, 60)
+    prediction = (disc(shape, 20, 20, 12) | disc(shape, 20, 40, 12)).astype(np.int64)
+    seeds = np.zeros(shape, np.int64)
+    seeds[disc(shape, 20, 16, 3)] = 1
+    seeds[disc(shape, 20, 44, 3)] = 2
+    classes = np.array([0, 1, 1])
+    grown = grow_regions(seeds, classes, prediction, 1e6)
+    assert ndi.label(classes[grown])[1] == 1  # the split alone: one blob
+    separated = classes[separate_objects(grown, keep=seeds > 0, object_classes=classes)]
+    assert ndi.label(separated)[1] == 2
+    assert ndi.label(separated, np.ones((3, 3)))[1] == 2
+    assert ((prediction > 0) & (separated == 0)).sum() <= 2 * shape[0]  # a line, not a band
+
+
+def test_separate_objects_on_the_real_image_separates_every_touching_pair():
+    """Simulated partial masks grown into the expert foreground: the class map joins the expert's touching
+    nuclei; with a 1 px gap, every nucleus holding a seed is its own connected region again."""
+    _, instances = load_dsb_nuclei()
+    inner = ndi.binary_erosion(instances > 0, iterations=3) * (instances > 0)
+    seeds, classes = label_regions(inner.astype(np.int64))
+    grown = grow_regions(seeds, classes, (instances > 0).astype(np.int64), 1e6)
+    merged = ndi.label(classes[grown])[1]
+    separated = separate_objects(grown, keep=seeds > 0, object_classes=classes)
+    regions = ndi.label(classes[separated])[1]
+    assert merged < seeds.max() <= regions  # touching objects were one region, now every seed has its own
+    assert (separated > 0).sum() >= 0.98 * (grown > 0).sum()
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
         (lambda: grow_regions(np.zeros((4, 4), int), [0], np.zeros((4, 5), int), 1.0), "one shape"),
         (lambda: grow_regions(np.zeros((4, 4), int), [0], np.zeros((4, 4), int), -1.0), "epsilon"),
         (lambda: grow_regions(np.full((4, 4), 3), [0, 1], np.ones((4, 4), int), 1.0), "seed_classes"),
+        (lambda: separate_objects(np.zeros((4, 4), int), width=-1), "width"),
+        (lambda: separate_objects(np.zeros((4, 4), int), keep=np.zeros((4, 5), bool)), "one shape"),
+        (lambda: separate_objects(np.zeros(4, int)), "2-D"),
     ],
 )
 def test_bad_arguments(call, message):

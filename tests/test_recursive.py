@@ -6,12 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from napari_coarseseg import load_model, predict, run_to_end, save_model, simulate
+from napari_coarseseg import load_model, load_preset, predict, run_to_end, save_model, simulate
 from napari_coarseseg.annotations import AnnotationError
 from napari_coarseseg.data import TrainingImages
 from napari_coarseseg.demo import dice
-from napari_coarseseg.methods.recursive import RecursiveMasks, final_growth, train_recursive
+from napari_coarseseg.methods.recursive import (
+    RecursiveMasks,
+    final_growth,
+    prediction_seeds,
+    train_recursive,
+)
 from napari_coarseseg.multitask import MultiTaskUNet
+
+#: The recursive preset's prediction seed level (models/recursive.json).
+SEED_LEVEL = load_preset("recursive").prediction_seed_level
 
 TINY = dict(steps=20, iterations=4, base_channels=8, depth=2, patch_size=32, batch_size=4, device="cpu")
 
@@ -216,3 +224,110 @@ def test_certain_pixels_for_t1_follow_the_reach_measured_on_the_exact_masks():
     np.testing.assert_array_equal(segmentation_targets[0], exact)
     np.testing.assert_array_equal(segmentation_targets[1], inputs.certain_target(1, inputs.object_reach()))
     assert (inputs.targets()[0][1] == -1).all()  # switched off: T1 sees nothing on partial-only images
+
+
+def test_final_growth_keeps_touching_objects_of_one_class_apart():
+    """Two touching nuclei are one component of T1's foreground; the prediction reads them as two objects."""
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[:40, :60]
+    foreground = ((np.hypot(yy - 20, xx - 20) <= 12) | (np.hypot(yy - 20, xx - 40) <= 12)).astype(np.int64)
+    regions = ((np.hypot(yy - 20, xx - 16) <= 4) | (np.hypot(yy - 20, xx - 44) <= 4)).astype(np.int64)
+    assert ndi.label(foreground)[1] == 1
+    grown = final_growth(foreground, regions, epsilon=1e6, gate=np.inf)
+    assert ndi.label(grown)[1] == 2 and ndi.label(grown, np.ones((3, 3)))[1] == 2
+    assert np.all(grown >= regions) and np.all(grown <= foreground)
+    assert (foreground > grown).sum() <= 2 * 40  # a 1 px line between them, nothing else lost
+    without_gap = final_growth(foreground, regions, epsilon=1e6, gate=np.inf, gap=0)
+    np.testing.assert_array_equal(without_gap, foreground)
+
+
+def test_approximation_carries_a_gap_where_two_objects_grew_together():
+    from scipy import ndimage as ndi
+
+    partial = np.zeros((20, 30), np.uint8)
+    partial[8:12, 5:9] = partial[8:12, 21:25] = 1  # two objects of class 1
+    exact = np.zeros_like(partial)
+    exact[4:16, 3:27] = 1  # T1's foreground: one block holding both
+    inputs = RecursiveMasks(TrainingImages([partial.astype(np.float32)] * 2), [partial, partial], [exact, None])
+    inputs.grow([exact, exact], epsilon=1e6)
+    for plane in (0, 1):
+        seeds = inputs.seeds[plane]
+        assert set(np.unique(seeds)) == {0, 1, 2} and ((seeds > 0) == (exact > 0)).all()  # ids carried, no gap
+        approximation = inputs.approximation(plane)
+        assert ndi.label(approximation, np.ones((3, 3)))[1] == 2
+        assert (approximation[partial > 0] == 1).all()  # the drawn regions are never cut
+        instances = inputs.instances(plane)
+        np.testing.assert_array_equal(inputs.seed_classes[plane][instances], approximation)
+        assert set(np.unique(instances)) == {0, 1, 2}
+        assert (inputs.targets()[1][plane] == approximation).all()  # T2's target carries the gap
+    assert inputs.masks()[0].max() == 1 and ndi.label(inputs.masks()[0])[1] == 2  # and so does the evolution
+    no_gap = RecursiveMasks(TrainingImages(partial.astype(np.float32)), partial, exact, gap=0)
+    no_gap.grow([exact], epsilon=1e6)
+    assert ndi.label(no_gap.approximation(0))[1] == 1  # without the gap, the two objects read as one
+
+
+def _two_nuclei_joined_by_a_neck():
+    """Two touching discs (T1's foreground); T2's argmax region joins their cores by a 2 px neck."""
+    yy, xx = np.mgrid[:40, :60]
+    left, right = np.hypot(yy - 20, xx - 20), np.hypot(yy - 20, xx - 40)
+    foreground = ((left <= 10) | (right <= 10)).astype(np.int64)
+    truth = np.where(left <= 10, 1, np.where(right <= 10, 2, 0))
+    truth[(left <= 10) & (right <= 10)] = 0
+    neck = (np.abs(yy - 20) <= 1) & (xx >= 20) & (xx <= 40)
+    cores = (left <= 8) | (right <= 8)
+    regions = (cores | neck).astype(np.int64)
+    # T2's probability: highest at the nuclei's centres, falling slowly towards their edges; T2 learned a
+    # gap between touching objects, so the neck, though its argmax is object, is less probable.
+    probability = np.where(cores, 0.95 - 0.01 * np.minimum(left, right), np.where(neck, 0.7, 0.0))
+    return foreground, regions, probability, truth
+
+
+def test_prediction_seeds_split_two_touching_nuclei_joined_by_a_neck():
+    from scipy import ndimage as ndi
+
+    foreground, regions, probability, truth = _two_nuclei_joined_by_a_neck()
+    assert ndi.label(regions)[1] == 1
+    whole = final_growth(foreground, regions, epsilon=2.0, gate=4)
+    assert ndi.label(whole)[1] == 1  # today's seeds: the joined region is one seed, one object
+    grown = final_growth(foreground, regions, epsilon=2.0, gate=4, probability=probability,
+                         seed_level=SEED_LEVEL)
+    instances, n = ndi.label(grown)
+    assert n == 2 and ndi.label(grown, np.ones((3, 3)))[1] == 2
+    assert len(np.unique(instances[(truth == 1) & (instances > 0)])) == 1
+    assert len(np.unique(instances[(truth == 2) & (instances > 0)])) == 1
+    # the 1 px gap between them is all the split costs
+    assert dice(grown > 0, foreground > 0) > 0.95 and (whole > grown).sum() <= 2 * 20
+
+
+def test_prediction_seeds_keep_a_single_nucleus_one_object():
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[:40, :40]
+    distance = np.hypot(yy - 20, xx - 18)
+    foreground = (distance <= 10).astype(np.int64)
+    regions = (distance <= 8).astype(np.int64)
+    probability = np.where(regions > 0, 0.95 - 0.015 * distance, 0.0)  # the seed: about 7.6 px around the centre
+    seeds = prediction_seeds(regions, probability, SEED_LEVEL)
+    assert ndi.label(seeds)[1] == 1 and np.all(seeds <= regions) and seeds[20, 18] == 1
+    grown = final_growth(foreground, regions, epsilon=2.0, gate=4, probability=probability,
+                         seed_level=SEED_LEVEL)
+    # a shrunk seed grows less far (epsilon 2: about 2 px per px inside F), a small cost in Dice
+    assert ndi.label(grown)[1] == 1 and dice(grown > 0, foreground > 0) > 0.9
+    # level 0 or no probability: the whole regions are the seeds (today's behaviour)
+    np.testing.assert_array_equal(prediction_seeds(regions, probability, 0.0), regions)
+    np.testing.assert_array_equal(prediction_seeds(regions, None, 0.9), regions)
+
+
+def test_prediction_seeds_keep_every_region():
+    regions = np.zeros((10, 20), np.int64)
+    regions[2:5, 2:5], regions[6:9, 12:18] = 1, 2
+    probability = np.where(regions > 0, 0.3, 0.0)
+    probability[3, 3], probability[7, 15] = 0.9, 0.5  # one region confident, the other not at all
+    seeds = prediction_seeds(regions, probability, 0.99)
+    assert seeds[3, 3] == 1 and seeds[7, 15] == 2 and (seeds > 0).sum() == 2
+
+
+def test_card_holds_the_prediction_seed_level(recursive_run):
+    model, _ = recursive_run
+    assert model.card["prediction_seed_level"] == load_preset("recursive").prediction_seed_level

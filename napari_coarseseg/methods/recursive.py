@@ -13,9 +13,16 @@ towards T1's predicted foreground F by the level-set rule of
 
     phi(i) = epsilon * d(i, B) - d(i, S),      S_new = {i : phi(i) >= 0},
 
-and the grown regions become T2's next targets. The approximations after
-every iteration are the mask evolution. Prediction grows T2's predicted
-regions once more into T1's foreground near them (:func:`final_growth`).
+and the grown regions become T2's next targets. Every object keeps its id
+through the evolution (:attr:`RecursiveMasks.seeds`); the class maps T2
+learns and the evolution shows carry a gap of ``OBJECT_GAP`` px between
+touching objects of one class (:func:`~napari_coarseseg.levelset.separate_objects`;
+the drawn partial regions themselves are never cut), so that two touching
+objects stay two connected regions instead of merging into one blob. The
+approximations after every iteration are the mask evolution. Prediction
+grows T2's predicted regions once more into T1's foreground near them, with
+the same gap (:func:`final_growth`): the connected regions of the predicted
+class map are the objects.
 
 One addition to the paper (``certain_pixels``, on in the preset): T1 also
 learns, on the images with partial masks only, the pixels whose class is
@@ -38,11 +45,12 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
+from scipy.ndimage import maximum as ndi_maximum
 
 from ..annotations import AnnotationError, label_dtype
 from ..data import TrainingImages
 from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
-from ..levelset import grow_regions, label_regions
+from ..levelset import grow_regions, label_regions, separate_objects
 from ..losses import masked_nll
 from ..model_io import Model, ModelFileError
 from ..multitask import MultiTaskUNet
@@ -50,8 +58,8 @@ from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method
 
-__all__ = ["train_recursive", "predict_recursive", "final_growth", "RecursiveMasks", "RecursiveTraining",
-           "RECURSIVE"]
+__all__ = ["train_recursive", "predict_recursive", "final_growth", "prediction_seeds", "RecursiveMasks",
+           "RecursiveTraining", "RECURSIVE"]
 
 # Share of every batch drawn from the strongly labelled planes (those patches
 # also train T2 where they carry partial masks), so that T1 sees its few exact
@@ -59,6 +67,11 @@ __all__ = ["train_recursive", "predict_recursive", "final_growth", "RecursiveMas
 # T1 is under-trained and the approximations grow into the background
 # (benchmarks/recursive.py).
 STRONG_SHARE = 0.75
+
+# Gap (px) kept between touching grown objects of one class in T2's targets, the evolution and the
+# prediction. Without it the nearest-seed split leaves touching objects touching, and their class map reads
+# as one region; 1 px is the least that separates them (benchmarks/realdata.py counts the merges).
+OBJECT_GAP = 1
 
 
 class RecursiveMasks:
@@ -71,6 +84,10 @@ class RecursiveMasks:
         One layer each (see :func:`train_recursive`).
     n_classes : int, optional
         Number of object classes K; default the largest value in the masks.
+    gap : int, optional
+        Gap (px) between touching objects of one class in the approximations
+        (:meth:`instances`, :meth:`approximation`); the ids in ``seeds`` carry
+        none.
 
     Attributes
     ----------
@@ -78,13 +95,15 @@ class RecursiveMasks:
         Per plane, the exact class mask, or None where the plane has none.
     seeds, seed_classes : list
         Per plane with partial masks, the object ids of the current
-        approximation and each id's class (None elsewhere).
+        approximation (every object keeps its id as it grows; no gap) and
+        each id's class (None elsewhere).
     separation : list of ndarray or None
         Per plane, the interface scribbles (non-zero), or None.
     """
 
-    def __init__(self, images: TrainingImages, partial, strong=None, separation=None, n_classes=None):
-        self.images = images
+    def __init__(self, images: TrainingImages, partial, strong=None, separation=None, n_classes=None,
+                 gap: int = OBJECT_GAP):
+        self.images, self.gap = images, int(gap)
         checked = {role: images.check_layer(layer, role)
                    for role, layer in (("partial", partial), ("strong", strong), ("separation", separation))}
         if all(layer is None for layer in checked["partial"]):
@@ -122,11 +141,28 @@ class RecursiveMasks:
     def seeded_planes(self) -> list[int]:
         return [i for i, seeds in enumerate(self.seeds) if seeds is not None]
 
-    def approximation(self, plane: int) -> np.ndarray | None:
-        """Current approximation of a plane as a class map (0 outside the regions)."""
+    def instances(self, plane: int) -> np.ndarray | None:
+        """Current approximation of a plane as object ids, with a gap of ``gap`` px between touching objects.
+
+        Object ids are those of ``seeds`` (one per drawn partial region,
+        carried through the evolution); where two grown objects of one class
+        meet, the pixels of one within ``gap`` px of the other are 0
+        (:func:`~napari_coarseseg.levelset.separate_objects`). The drawn
+        partial regions are never cut.
+        """
         if self.seeds[plane] is None:
             return None
-        return self.seed_classes[plane][self.seeds[plane]]
+        return separate_objects(self.seeds[plane], self.gap, keep=self.partial[plane] > 0,
+                                object_classes=self.seed_classes[plane])
+
+    def approximation(self, plane: int) -> np.ndarray | None:
+        """Current approximation of a plane as a class map (0 outside the regions and in the gaps): T2's target.
+
+        The class of :meth:`instances`: touching objects of one class are
+        apart, so the connected regions of the class map are the objects.
+        """
+        instances = self.instances(plane)
+        return None if instances is None else self.seed_classes[plane][instances]
 
     def object_reach(self) -> float | None:
         """How far objects reach beyond their partial regions, measured where both masks exist.
@@ -315,7 +351,8 @@ class RecursiveTraining(TrainingLoop):
         config = self.config
         network = {"kind": "multitask", "base_channels": config.base_channels, "depth": config.depth,
                    "task_levels": self.network.task_levels, "separation": self.masks.has_separation}
-        extra = {"epsilon_predict": config.epsilon_predict, "prediction_gate": config.prediction_gate}
+        extra = {"epsilon_predict": config.epsilon_predict, "prediction_gate": config.prediction_gate,
+                 "prediction_seed_level": config.prediction_seed_level}
         summary = {"iterations": config.iterations, "steps_per_iteration": config.steps,
                    "pixels_added_per_iteration": list(self.pixels_added)}
         return network, extra, summary
@@ -365,8 +402,39 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
     return (yield from RecursiveTraining(training_images, masks, config, seed, device, checkpoint).run(resume))
 
 
-def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, gate: float) -> np.ndarray:
-    """The prediction's last growth: T2's regions grow into T1's foreground near them.
+def prediction_seeds(regions: np.ndarray, probability: np.ndarray | None, level: float) -> np.ndarray:
+    """The seeds of the prediction's last growth: the core of each of T2's regions, as a class map.
+
+    A pixel of a connected region R of T2's class map is a seed when T2's
+    probability of its class is at least ``level`` times the highest in R:
+
+        seed(i)  iff  p(i) >= level * max_{j in R} p(j),      i in R.
+
+    T2 learns a ``OBJECT_GAP`` px gap between touching objects but draws it
+    weakly: two touching nuclei often share one argmax region joined by a
+    neck of lower probability, which this rule cuts. Every region keeps its
+    most probable pixel, so no object is lost; ``level = 0`` (or no
+    probability) keeps the regions whole.
+
+    Examples
+    --------
+    >>> regions = np.array([[1, 1, 1, 1, 1]])
+    >>> probability = np.array([[0.6, 0.9, 0.7, 0.95, 0.8]])
+    >>> prediction_seeds(regions, probability, 0.85)[0]  # the neck at 0.7 splits the region in two
+    array([0, 1, 0, 1, 0])
+    """
+    regions = np.asarray(regions)
+    if probability is None or level <= 0 or not regions.any():
+        return regions.copy()
+    objects, _ = label_regions(regions)
+    highest = np.zeros(int(objects.max()) + 1)
+    highest[1:] = ndi_maximum(probability, objects, np.arange(1, objects.max() + 1))
+    return np.where((objects > 0) & (probability >= level * highest[objects]), regions, 0)
+
+
+def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, gate: float,
+                 gap: int = OBJECT_GAP, probability: np.ndarray | None = None, seed_level: float = 0.0) -> np.ndarray:
+    """The prediction's last growth: T2's regions grow into T1's foreground near them, apart from each other.
 
     Parameters
     ----------
@@ -382,11 +450,23 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, ga
         fail on an unseen image, calling most of it foreground; the gate
         keeps such a failure from flooding the result, and changes nothing
         where F is sane (objects end within a few px of T2's regions).
+    gap : int
+        Where two grown objects of one class meet, the pixels of one within
+        ``gap`` px of the other become background (T2's regions themselves
+        stay), as in T2's targets: the connected regions of the result are
+        the objects (:func:`~napari_coarseseg.levelset.separate_objects`).
+    probability : ndarray of float, optional
+        (Y, X) T2's probability of each pixel's class in ``regions``.
+    seed_level : float
+        The growth starts from the cores of T2's regions,
+        :func:`prediction_seeds` (probability, seed_level), not from the
+        whole regions; 0 (the default) keeps them whole. The gate stays
+        measured from the whole regions.
 
     Returns
     -------
     ndarray of int
-        Class map of the grown objects.
+        Class map of the grown objects, touching objects ``gap`` px apart.
 
     Examples
     --------
@@ -394,22 +474,32 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, ga
     >>> regions = np.zeros((1, 12), int); regions[0, 5] = 1
     >>> final_growth(foreground, regions, epsilon=100.0, gate=2)[0]
     array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    >>> regions[0, 8] = 1  # a second region: the two objects meet, a 1 px gap keeps them apart
+    >>> final_growth(foreground, regions, epsilon=100.0, gate=2)[0]
+    array([0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0])
     """
-    seeds, seed_classes = label_regions(regions)
+    seeds, seed_classes = label_regions(prediction_seeds(regions, probability, seed_level))
     near = distance_transform_edt(regions == 0) <= gate
-    return seed_classes[grow_regions(seeds, seed_classes, np.where(near, foreground, 0), epsilon)]
+    grown = grow_regions(seeds, seed_classes, np.where(near, foreground, 0), epsilon)
+    return seed_classes[separate_objects(grown, gap, keep=seeds > 0, object_classes=seed_classes)]
 
 
 def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
-                      epsilon: float | None = None, gate: float | None = None) -> Prediction:
+                      epsilon: float | None = None, gate: float | None = None,
+                      seed_level: float | None = None) -> Prediction:
     """Segment an image with a recursive-method model.
 
     T1 gives the foreground F and T2 the approximation regions; one last
     level-set growth with the card's ``epsilon_predict`` (or ``epsilon``)
     grows the regions into F within the card's ``prediction_gate`` (or
-    ``gate``) pixels of them (:func:`final_growth`). Components of F that
-    hold no region are left out; touching objects stay apart. The other
+    ``gate``) pixels of them (:func:`final_growth`), starting from the
+    regions' cores, where T2's probability reaches the card's
+    ``prediction_seed_level`` (or ``seed_level``; 0 for cards without it)
+    times the region's highest (:func:`prediction_seeds`). Components of F that
+    hold no region are left out; touching objects of one class stay
+    ``OBJECT_GAP`` px apart, so the connected regions of ``labels`` are the
+    objects. The other
     parameters are those of :func:`napari_coarseseg.predict`.
 
     Returns
@@ -422,11 +512,16 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_
     epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
     # Models written before the gate was a setting used 4 px.
     gate = float(model.card.get("prediction_gate", 4.0) if gate is None else gate)
+    # Models written before the seed level was stored grew from T2's whole regions (level 0).
+    seed_level = float(model.card.get("prediction_seed_level", 0.0) if seed_level is None else seed_level)
     n_labels = model.n_classes + 1
     segmentation, labels = [], []
     for maps in iter_predict_planes(model.network, planes, device, _task_maps, tile_size, overlap, batch_size):
         probabilities, approximation, interface = _split_tasks(maps, n_labels)
-        grown = final_growth(_foreground(probabilities, interface), approximation.argmax(0), epsilon, gate)
+        regions = approximation.argmax(0)
+        probability = np.take_along_axis(approximation, regions[None], 0)[0]
+        grown = final_growth(_foreground(probabilities, interface), regions, epsilon, gate,
+                             probability=probability, seed_level=seed_level)
         labels.append(grown.astype(label_dtype(model.n_classes)))
         if keep_probabilities:
             segmentation.append(probabilities)
