@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--reliability", metavar="REL.tif",
                       help="also write the annotation-reliability map; single image only")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    pred.add_argument("--flips", action="store_true",
+                      help="test-time augmentation: average over the four mirror images (4x the time)")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled sample image",
@@ -286,7 +288,7 @@ def cmd_predict(args) -> int:
         for file, target in tqdm(list(zip(image_files, targets, strict=True)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
             prediction = predict(model, read_tiff(file), device=args.device, name=file.name,
-                                 keep_probabilities=bool(args.probabilities))
+                                 keep_probabilities=bool(args.probabilities), flips=args.flips)
             staged.add(target, prediction.labels)
             if args.probabilities:
                 staged.add(_output_path(args.probabilities), prediction.probabilities.astype(np.float32))

@@ -7,6 +7,10 @@ the summed weights, so tile seams vanish:
 
     M(i) = sum_t w_t(i) M_t(i) / sum_t w_t(i)
 
+With ``flips=True`` every tile's maps are the mean over the four mirror
+images of the tile (none, left-right, up-down, both), each mapped back:
+test-time augmentation, four times the work, smoother maps.
+
 Stacks are predicted slice by slice, lazy arrays (dask, zarr, memmap) read
 one slice at a time. The engine knows no method: a method turns the blended
 maps into labels (``napari_coarseseg.methods``), and
@@ -104,27 +108,38 @@ def softmax_maps(output) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)
 
 
+#: The mirror images test-time augmentation averages over: flipped axes of a (B, C, h, w) batch.
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
 @torch.no_grad()
-def _forward_tiles(network, tiles: torch.Tensor, device, maps) -> torch.Tensor:
-    """The (B, C, h, w) float32 maps of a batch of (B, channels, h, w) tiles."""
+def _forward_tiles(network, tiles: torch.Tensor, device, maps, flips: bool = False) -> torch.Tensor:
+    """The (B, C, h, w) float32 maps of a batch of (B, channels, h, w) tiles (averaged over FLIPS if ``flips``)."""
     h, w = tiles.shape[-2:]
     divisor = network.divisor
-    padded = _pad_to(tiles, -(-h // divisor) * divisor, -(-w // divisor) * divisor).to(device)
-    with autocast(device):
-        return maps(network(padded)).float()[..., :h, :w]
+    total = None
+    for axes in FLIPS if flips else ((),):
+        # Each mirror image is padded and predicted as if it were the tile itself, then mirrored back.
+        mirrored = tiles.flip(axes) if axes else tiles
+        padded = _pad_to(mirrored, -(-h // divisor) * divisor, -(-w // divisor) * divisor).to(device)
+        with autocast(device):
+            tile_maps = maps(network(padded)).float()[..., :h, :w]
+        tile_maps = tile_maps.flip(axes) if axes else tile_maps
+        total = tile_maps if total is None else total + tile_maps
+    return total / (len(FLIPS) if flips else 1)
 
 
 def predict_planes(network, planes, device, maps=softmax_maps, tile_size: int = TILE_SIZE, overlap: int = 64,
-                   batch_size: int = 4) -> list[np.ndarray]:
+                   batch_size: int = 4, flips: bool = False) -> list[np.ndarray]:
     """Blended tiled maps of normalised (C, Y, X) planes: a list of (M, Y, X) float32 arrays.
 
     See :func:`iter_predict_planes`.
     """
-    return list(iter_predict_planes(network, planes, device, maps, tile_size, overlap, batch_size))
+    return list(iter_predict_planes(network, planes, device, maps, tile_size, overlap, batch_size, flips))
 
 
 def iter_predict_planes(network, planes, device, maps=softmax_maps, tile_size: int = TILE_SIZE, overlap: int = 64,
-                        batch_size: int = 4):
+                        batch_size: int = 4, flips: bool = False):
     """Yield, plane by plane, the network's per-pixel maps blended over overlapping tiles.
 
     Parameters
@@ -145,6 +160,9 @@ def iter_predict_planes(network, planes, device, maps=softmax_maps, tile_size: i
     tile_size, overlap, batch_size : int
         Square tiles of this side overlapping by at least ``overlap`` pixels,
         ``batch_size`` tiles per forward pass.
+    flips : bool
+        Test-time augmentation: average the maps over the four mirror
+        images of every tile (four forward passes per tile).
 
     Yields
     ------
@@ -165,7 +183,7 @@ def iter_predict_planes(network, planes, device, maps=softmax_maps, tile_size: i
         for first in range(0, len(corners), batch_size):
             chunk = corners[first : first + batch_size]
             tiles = torch.stack([source[:, y : y + tile_y, x : x + tile_x] for y, x in chunk])
-            tile_maps = _forward_tiles(network, tiles, device, maps).cpu().numpy()
+            tile_maps = _forward_tiles(network, tiles, device, maps, flips).cpu().numpy()
             if total is None:
                 total = np.zeros((tile_maps.shape[1], height, width), dtype=np.float32)
             # A loop over the tiles of a batch (a few), each added in one vectorised operation.

@@ -23,6 +23,7 @@ import torch
 from scipy import ndimage as ndi
 
 import napari_coarseseg
+from napari_coarseseg import load_model, predict
 from napari_coarseseg.cli import main
 from napari_coarseseg.model_io import read_card
 from napari_coarseseg.samples import sample_data_dir
@@ -331,6 +332,18 @@ def test_evolution_of_a_folder_needs_a_folder(data, image_folder, tmp_path, caps
     assert_one_line_error(code, out, err, "train", "--evolution", "folder")
     assert not model.exists() and not evolution.exists()
     assert files_under(tmp_path) == before
+
+
+def test_predict_with_flips_is_the_python_predict_with_flips(data, trained, tmp_path, capsys):
+    """--flips gives what predict(..., flips=True) gives (tests/test_inference.py checks what that is)."""
+    image = tifffile.imread(data["image"])
+    pred, prob = tmp_path / "pred.tif", tmp_path / "prob.tif"
+    code, _, err = run(capsys, "predict", trained["model"], data["image"], "--out", pred, "--probabilities", prob,
+                       "--device", "cpu", "--flips")
+    assert code == 0, err
+    model = load_model(trained["model"])
+    expected = predict(model, image, device="cpu", flips=True).probabilities
+    np.testing.assert_allclose(tifffile.imread(prob), expected, atol=1e-5)
 
 
 def test_predict_over_a_folder_writes_one_output_per_image(trained, image_folder, tmp_path, capsys):

@@ -264,3 +264,19 @@ def test_a_nan_slice_of_a_lazy_stack_is_named(discs, disc_model):
     stack[2, 10, 10] = np.nan
     with pytest.raises(AnnotationError, match=r"NaN or infinite values \(slice 2\)"):
         predict(disc_model, SliceOnlyArray(stack), device="cpu", name="stack")
+
+
+def test_flips_average_the_four_mirror_images(discs, disc_model):
+    """flips=True: the probabilities are the mean of the four mirrored predictions, mapped back, so mirroring
+    the image mirrors the result exactly (up to float rounding) and the maps differ from a single pass."""
+    image, _ = discs
+    image = image[:, :60]  # not a multiple of the network's divisor: the padding must land right
+    plain = dict(device="cpu", prior_correction=False)  # the prior correction is not linear: compare before it
+    once = predict(disc_model, image, **plain).probabilities
+    averaged = predict(disc_model, image, flips=True, **plain).probabilities
+    by_hand = np.mean([np.flip(predict(disc_model, np.flip(image, axes), **plain).probabilities,
+                               tuple(a + 1 for a in axes)) for axes in [(), (1,), (0,), (0, 1)]], axis=0)
+    assert np.abs(averaged - by_hand).max() < 1e-4
+    assert np.abs(averaged - once).max() > 1e-3
+    mirrored = predict(disc_model, image[:, ::-1], flips=True, **plain).probabilities
+    assert np.abs(mirrored[:, :, ::-1] - averaged).max() < 1e-4

@@ -88,10 +88,10 @@ def train_dense(images, strong, *, config=None, n_classes=None, seed=0, device="
 
 
 def predict_dense(model, image, device="auto", tile_size=512, overlap=64, batch_size=4, name="image",
-                  keep_probabilities=True):
+                  keep_probabilities=True, flips=False):
     image, device, planes = start_prediction(model, image, device, name)
     maps = list(iter_predict_planes(model.network, planes, device, tile_size=tile_size, overlap=overlap,
-                                    batch_size=batch_size))
+                                    batch_size=batch_size, flips=flips))
     return assemble_planes(image, model, [m.argmax(0).astype(np.uint8) for m in maps],
                            maps if keep_probabilities else None)
 

@@ -105,7 +105,8 @@ def load_model(path, device="cpu") -> Model:
 
 
 def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
-            batch_size: int = 4, name: str = "image", keep_probabilities: bool = True, **options) -> Prediction:
+            batch_size: int = 4, name: str = "image", keep_probabilities: bool = True, flips: bool = False,
+            **options) -> Prediction:
     """Segment an image (2-D, a (Z, Y, X) stack slice by slice, or RGB) with the model's method.
 
     Parameters
@@ -127,6 +128,9 @@ def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, over
         Return the class probabilities. ``False`` keeps only labels (and
         reliability) and streams the planes: memory stays at one slice's
         probabilities however long the stack.
+    flips : bool
+        Test-time augmentation: average the network's maps over the four
+        mirror images of every tile (four times the prediction time).
     **options
         Options of the model's method: ``prior_correction`` (refineseg,
         default True), ``epsilon`` and ``gate`` (recursive; default from the
@@ -140,4 +144,4 @@ def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, over
         raise ValueError(f"overlap must be in [0, tile_size), got {overlap} with tile_size {tile_size}")
     return get_method(model.method).predict(model, image, device=device, tile_size=tile_size, overlap=overlap,
                                             batch_size=batch_size, name=name,
-                                            keep_probabilities=keep_probabilities, **options)
+                                            keep_probabilities=keep_probabilities, flips=flips, **options)

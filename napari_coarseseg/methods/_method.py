@@ -60,7 +60,7 @@ class Method:
         generator (:data:`~napari_coarseseg.methods.TrainingRun`).
     predict : callable
         ``predict(model, image, device=, tile_size=, overlap=, batch_size=,
-        name=, keep_probabilities=, **options)`` -> ``Prediction``.
+        name=, keep_probabilities=, flips=, **options)`` -> ``Prediction``.
     build_model : callable
         ``build_model(card)`` -> the untrained :class:`Model` a card
         describes (model loading fills in the weights).

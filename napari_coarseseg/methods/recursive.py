@@ -486,7 +486,7 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, ga
 
 def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
-                      epsilon: float | None = None, gate: float | None = None,
+                      flips: bool = False, epsilon: float | None = None, gate: float | None = None,
                       seed_level: float | None = None) -> Prediction:
     """Segment an image with a recursive-method model.
 
@@ -516,7 +516,8 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_
     seed_level = float(model.card.get("prediction_seed_level", 0.0) if seed_level is None else seed_level)
     n_labels = model.n_classes + 1
     segmentation, labels = [], []
-    for maps in iter_predict_planes(model.network, planes, device, _task_maps, tile_size, overlap, batch_size):
+    for maps in iter_predict_planes(model.network, planes, device, _task_maps, tile_size, overlap, batch_size,
+                                    flips):
         probabilities, approximation, interface = _split_tasks(maps, n_labels)
         regions = approximation.argmax(0)
         probability = np.take_along_axis(approximation, regions[None], 0)[0]

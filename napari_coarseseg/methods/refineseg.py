@@ -356,7 +356,7 @@ def _maps_with_reliability(heads: nn.ModuleList):
 
 def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
-                      prior_correction: bool = True) -> Prediction:
+                      flips: bool = False, prior_correction: bool = True) -> Prediction:
     """Segment an image with a refineseg model: argmax of the prior-corrected probabilities.
 
     ``prior_correction`` moves the probabilities from the class prior the
@@ -374,7 +374,7 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
     n_labels, prior = model.n_classes + 1, model.card.get("prior")
     labels, probabilities, reliability = [], [], []
     for maps in iter_predict_planes(model.network, planes, device, _maps_with_reliability(model.heads), tile_size,
-                                    overlap, batch_size):
+                                    overlap, batch_size, flips):
         plane_probabilities = maps[:n_labels]
         if prior_correction and prior:
             plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"])
