@@ -67,8 +67,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from napari_coarseseg import load_preset, predict, run_to_end, simulate, train_refineseg  # noqa: E402
-from napari_coarseseg.metrics import dice, instances_of, match_instances, mean_average_precision  # noqa: E402
+from napari_coarseseg import load_preset, predict, run_to_end, simulate, train_recursive, train_refineseg  # noqa: E402
+from napari_coarseseg.metrics import (  # noqa: E402
+    dice,
+    instances_of,
+    match_instances,
+    mean_average_precision,
+    merged_pairs,
+    touching_pairs,
+)
 from napari_coarseseg.samples import load_dsb_nuclei  # noqa: E402
 
 from baselines import feature_seconds, predict_dense, random_forest_fit, random_forest_predict, train_dense  # noqa: E402
@@ -123,26 +130,33 @@ def load_dataset(name: str) -> Dataset:
 
 
 def drawings_of(data: Dataset, seed: int, bias: int = 0, annotators: int = 1):
-    """Scribble drawings on the training images: (positive layers, negative layers), each a list per image.
+    """Scribble drawings on the training images: ``(positive layers, negative layers, partial masks)``.
 
-    With ``annotators=2`` the positive drawing is two layers, biases +bias
-    and -bias, from two different annotator seeds.
+    Layers are lists with one array per training image. With
+    ``annotators=2`` the positive drawing is two layers, biases +bias and
+    -bias, from two different annotator seeds. The partial masks (for the
+    recursive method) come from the first annotator.
     """
     settings = DRAWING[data.name]
     biases = [bias] if annotators == 1 else [bias, -bias]
-    positive_layers, negative = [], None
+    positive_layers, first = [], None
     for a, b in enumerate(biases):
         per_image = [simulate(labels, instances=True, style="scribble", seed=1000 * seed + 10 * i + a, bias=b,
                               **settings) for i, labels in enumerate(data.labels["train"])]
         positive_layers.append([d.positive for d in per_image])
-        if negative is None:
-            negative = [d.negative for d in per_image]
-    return positive_layers, [negative]
+        first = first or per_image
+    return positive_layers, [[d.negative for d in first]], [d.partial for d in first]
 
 
 # Variants of our network's settings tried on validation (overrides of the preset). The first is the preset.
 REFINESEG_VARIANTS = {
     "preset": {},
+    "regulariser 1": {"regulariser_weight": 1.0},
+    "regulariser 5": {"regulariser_weight": 5.0},
+    "regulariser on drawn pixels": {"regulariser_on": "drawn pixels"},
+    "regulariser 1 on drawn pixels": {"regulariser_on": "drawn pixels", "regulariser_weight": 1.0},
+    "500 steps": {"steps": 500},
+    "jitter 0.3": {"jitter": 0.3},
 }
 # The forest's grid: scikit-image's example uses 50 trees, depth 10 and 5 % of the drawn pixels per tree;
 # ilastik grows 100 trees on all of them.
@@ -150,26 +164,44 @@ RF_VARIANTS = {f"trees {t}, depth {d}, sigma 1-{s}, samples {m}": {"n_estimators
                                                                   "max_samples": m}
                for t in (50, 100) for d in (10, None) for s in (4, 8, 16) for m in (0.05, 0.5)}
 DENSE_VARIANTS = {"preset": {}}
+# The recursive method's preset and its ablations (all scored; the report lists each).
+RECURSIVE_VARIANTS = {
+    "preset": {},
+    "seed level 0": {"prediction_seed_level": 0.0},
+    "growth off": {"epsilon_train": 0.0},
+    "certain pixels off": {"certain_pixels": False},
+    "gate off": {"prediction_gate": float("inf")},
+}
 
 
 def score(predictions, truths) -> dict:
-    """Dice of the foreground pooled over the images; F1 at IoU 0.5 and mAP 0.5-0.9 of connected components."""
+    """Dice of the foreground pooled over the images; F1 at IoU 0.5, mAP 0.5-0.9 and merged pairs (beyond those
+    the expert mask has touching) of the connected components of the prediction."""
     prediction, truth = np.stack(predictions), np.stack(truths)
-    instances = np.stack([instances_of(p > 0) for p in predictions])
+    instances = instances_of(prediction)
     matched = match_instances(instances, truth, 0.5)
     return {"dice": dice(prediction > 0, truth > 0), "f1": matched["f1"],
-            "map": mean_average_precision(instances, truth)}
+            "map": mean_average_precision(instances, truth),
+            "merges": merged_pairs(instances, truth) - touching_pairs(truth)}
 
 
 def run_network(method: str, data: Dataset, positive, negative, seed: int, overrides: dict, device: str):
-    """Train one network method; return ``(predict function, training seconds)``."""
+    """Train one network method; return ``({variant suffix: predict function}, training seconds)``.
+
+    A refineseg model is also scored with its prior correction off (the suffix
+    ``", prior off"``) and with test-time flips (``", flips"``): the same
+    training, other ways to predict.
+    """
     images = data.images["train"]
     config = load_preset("refineseg").replace(**overrides)
     start = time.perf_counter()
     if method in ("refineseg", "no heads (a)"):
         config = config.replace(transition_heads=method == "refineseg")
         model = run_to_end(train_refineseg(images, positive, negative, config=config, seed=seed, device=device))
-        return (lambda image: predict(model, image, device=device).labels), time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return {"": lambda image: predict(model, image, device=device).labels,
+                ", prior off": lambda image: predict(model, image, device=device, prior_correction=False).labels,
+                ", flips": lambda image: predict(model, image, device=device, flips=True).labels}, seconds
     if method == "naive (b)":
         masks = [sum(layer[i] > 0 for layer in positive) > 0 for i in range(len(images))]
     elif method == "full (d)":
@@ -177,7 +209,56 @@ def run_network(method: str, data: Dataset, positive, negative, seed: int, overr
     else:
         raise ValueError(method)
     network, seconds = train_dense(images, masks, config, seed=seed, device=device)
-    return (lambda image: predict_dense(network, image, device)), seconds
+    return {"": lambda image: predict_dense(network, image, device)}, seconds
+
+
+def strong_masks(data: Dataset) -> list:
+    """The recursive method's exact masks: the expert mask of the FIRST training image only."""
+    return [(data.labels["train"][0] > 0).astype(np.uint8)] + [None] * (len(data.images["train"]) - 1)
+
+
+def run_recursive_group(method: str, data: Dataset, partial, seed: int, overrides: dict, device: str):
+    """The recursive method and its same-information baselines; ``({suffix: predict function}, seconds)``.
+
+    Same information: partial masks on every training image, the exact mask
+    on the first. SL learns from that exact mask alone, WL from the partial
+    masks taken as full masks, both for as many steps as the recursive run.
+    The recursive run's last approximations on the training images are
+    scored too (suffix ``", approximation"``, its ``val`` and ``test`` both
+    hold the training images' score).
+    """
+    images, strong = data.images["train"], strong_masks(data)
+    config = load_preset("recursive").replace(**overrides)
+    if method == "recursive":
+        evolution = []
+        start = time.perf_counter()
+        model = run_to_end(train_recursive(images, partial, strong, config=config, seed=seed, device=device),
+                           lambda event: evolution.append(event.masks) if event.masks is not None else None)
+        seconds = time.perf_counter() - start
+        approximation = score(evolution[-1], data.labels["train"])
+        return {"": lambda image: predict(model, image, device=device).labels,
+                ", approximation": approximation}, seconds
+    dense = load_preset("refineseg").replace(steps=config.steps * config.iterations)
+    if method == "SL":
+        network, seconds = train_dense(images[:1], strong[:1], dense, seed=seed, device=device)
+    elif method == "WL":
+        network, seconds = train_dense(images, [p > 0 for p in partial], dense, seed=seed, device=device)
+    else:
+        raise ValueError(method)
+    return {"": lambda image: predict_dense(network, image, device)}, seconds
+
+
+def run_random_forest_same_information(data: Dataset, partial, seed: int, settings: dict):
+    """The forest on the recursive method's information: foreground = partial masks and the exact mask's objects,
+    background = the exact mask's background."""
+    strong = strong_masks(data)
+    strokes = [np.where(s > 0, 2, 1) if s is not None else np.where(p > 0, 2, 0)
+               for s, p in zip(strong, partial, strict=True)]
+    start = time.perf_counter()
+    forest = random_forest_fit(data.images["train"], strokes, seed=seed, **settings)
+    seconds = time.perf_counter() - start + sum(feature_seconds(image, settings["sigma_max"])
+                                                 for image in data.images["train"])
+    return {"": lambda image: random_forest_predict(forest, image)}, seconds
 
 
 def run_random_forest(data: Dataset, positive, negative, seed: int, settings: dict):
@@ -189,11 +270,17 @@ def run_random_forest(data: Dataset, positive, negative, seed: int, settings: di
     # The training images' features are cached across variants: count what they took when first computed.
     seconds = time.perf_counter() - start + sum(feature_seconds(image, settings["sigma_max"])
                                                  for image in data.images["train"])
-    return (lambda image: random_forest_predict(forest, image)), seconds
+    return {"": lambda image: random_forest_predict(forest, image)}, seconds
 
 
-METHODS = {"refineseg": REFINESEG_VARIANTS, "no heads (a)": REFINESEG_VARIANTS, "naive (b)": DENSE_VARIANTS,
-           "random forest (c)": RF_VARIANTS, "full (d)": DENSE_VARIANTS}
+# Settings of the network itself are tried on both; the heads' own only where there are heads.
+NO_HEADS_VARIANTS = {name: v for name, v in REFINESEG_VARIANTS.items() if "regulariser" not in name}
+METHODS = {"refineseg": REFINESEG_VARIANTS, "no heads (a)": NO_HEADS_VARIANTS, "naive (b)": DENSE_VARIANTS,
+           "random forest (c)": RF_VARIANTS, "full (d)": DENSE_VARIANTS,
+           # the recursive method's group: partial masks everywhere, one exact mask
+           "recursive": RECURSIVE_VARIANTS, "SL": DENSE_VARIANTS, "WL": DENSE_VARIANTS,
+           "RF (same information)": RF_VARIANTS}
+RECURSIVE_GROUP = ("recursive", "SL", "WL", "RF (same information)")
 
 
 def record_key(dataset, method, variant, bias, annotators, seed) -> str:
@@ -217,7 +304,7 @@ def run(args) -> int:
     for name in args.datasets:
         data = load_dataset(name)
         for seed in range(args.seeds):
-            positive, negative = drawings_of(data, seed, args.bias, args.annotators)
+            positive, negative, partial = drawings_of(data, seed, args.bias, args.annotators)
             for method in args.methods:
                 variants = METHODS[method]
                 for variant in args.variants or list(variants):
@@ -227,18 +314,27 @@ def run(args) -> int:
                     if key in runs and not args.force:
                         continue
                     if method == "random forest (c)":
-                        segment, seconds = run_random_forest(data, positive, negative, seed, variants[variant])
+                        segmenters, seconds = run_random_forest(data, positive, negative, seed, variants[variant])
+                    elif method == "RF (same information)":
+                        segmenters, seconds = run_random_forest_same_information(data, partial, seed,
+                                                                                 variants[variant])
+                    elif method in RECURSIVE_GROUP:
+                        segmenters, seconds = run_recursive_group(method, data, partial, seed, variants[variant],
+                                                                  args.device)
                     else:
-                        segment, seconds = run_network(method, data, positive, negative, seed, variants[variant],
-                                                       args.device)
-                    scores = {split: score([segment(image) for image in data.images[split]], data.labels[split])
-                              for split in ("val", "test")}
-                    runs[key] = {"dataset": name, "method": method, "variant": variant, "bias": args.bias,
-                                 "annotators": args.annotators, "seed": seed, "seconds": seconds, **scores,
-                                 "device": args.device, "threads": args.threads,
-                                 "machine": platform.processor() or platform.machine()}
+                        segmenters, seconds = run_network(method, data, positive, negative, seed, variants[variant],
+                                                          args.device)
+                    for suffix, segment in segmenters.items():
+                        scores = ({split: segment for split in ("val", "test")} if isinstance(segment, dict) else
+                                  {split: score([segment(image) for image in data.images[split]], data.labels[split])
+                                   for split in ("val", "test")})
+                        runs[key + suffix] = {
+                            "dataset": name, "method": method, "variant": variant + suffix, "bias": args.bias,
+                            "annotators": args.annotators, "seed": seed, "seconds": seconds, **scores,
+                            "device": args.device, "threads": args.threads,
+                            "machine": platform.processor() or platform.machine()}
+                        print(f"{key}{suffix}: val Dice {scores['val']['dice']:.3f}, {seconds:.0f} s", flush=True)
                     save_runs(runs)
-                    print(f"{key}: val Dice {scores['val']['dice']:.3f}, {seconds:.0f} s", flush=True)
     return 0
 
 
@@ -255,27 +351,107 @@ def selected(runs: dict, dataset: str, method: str, bias=0, annotators=1):
     return best, sorted(by_variant[best], key=lambda r: r["seed"])
 
 
+def _cells(records, split: str, measures=("dice", "f1", "map")) -> str:
+    return " | ".join(mean_and_spread([r[split][m] for r in records]) for m in measures)
+
+
+def _runs_of(runs: dict, dataset: str, method: str, variant: str, bias=0, annotators=1) -> list:
+    return sorted((r for r in runs.values() if (r["dataset"], r["method"], r["variant"], r["bias"],
+                                               r["annotators"]) == (dataset, method, variant, bias, annotators)),
+                  key=lambda r: r["seed"])
+
+
+def main_table(runs: dict, name: str, figures: dict) -> list[str]:
+    """Our network, its controls and the forest on scribbles (bias 0): the variant each chose on validation."""
+    lines = ["| method | chosen on validation | val Dice | test Dice | test F1@0.5 | test mAP 0.5-0.9 | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for method in ("refineseg", "no heads (a)", "naive (b)", "random forest (c)", "full (d)"):
+        variant, chosen = selected(runs, name, method)
+        if not chosen:
+            continue
+        figures[method] = {"variant": variant, "runs": chosen}
+        lines.append(f"| {method} | {variant} ({len(chosen)} seeds) | {_cells(chosen, 'val', ('dice',))} | "
+                     f"{_cells(chosen, 'test')} | {np.mean([r['seconds'] for r in chosen]):.0f} |")
+    ours, forest = figures.get("refineseg"), figures.get("random forest (c)")
+    if ours and forest:
+        by_seed = {r["seed"]: r["test"]["dice"] for r in forest["runs"]}
+        differences = [r["test"]["dice"] - by_seed[r["seed"]] for r in ours["runs"] if r["seed"] in by_seed]
+        if differences:
+            lines += ["", f"RefineSeg minus the forest, test Dice: mean {np.mean(differences):+.3f}, "
+                          f"per seed {', '.join(f'{d:+.3f}' for d in differences)}."]
+    return lines
+
+
+def variants_table(runs: dict, name: str) -> list[str]:
+    """Every variant tried (the ablations among them): mean validation and test Dice over its seeds."""
+    lines = ["| method | variant | seeds | val Dice | test Dice |", "|---|---|---|---|---|"]
+    for method in ("refineseg", "no heads (a)", "recursive"):
+        variants = sorted({r["variant"] for r in runs.values()
+                           if (r["dataset"], r["method"], r["bias"], r["annotators"]) == (name, method, 0, 1)
+                           and "approximation" not in r["variant"]})
+        for variant in variants:
+            records = _runs_of(runs, name, method, variant)
+            lines.append(f"| {method} | {variant} | {len(records)} | {_cells(records, 'val', ('dice',))} | "
+                         f"{_cells(records, 'test', ('dice',))} |")
+    return lines
+
+
+def recursive_table(runs: dict, name: str, figures: dict) -> list[str]:
+    """The recursive method against SL, WL and the forest on the same information."""
+    lines = ["| method | chosen on validation | val Dice | test Dice | test F1@0.5 | test mAP | test merges "
+             "| train s |", "|---|---|---|---|---|---|---|---|"]
+    for method in RECURSIVE_GROUP:
+        variant, chosen = selected(runs, name, method)
+        chosen = [r for r in chosen if "approximation" not in r["variant"]]
+        if not chosen:
+            continue
+        figures[method] = {"variant": variant, "runs": chosen}
+        lines.append(f"| {method} | {variant} ({len(chosen)} seeds) | {_cells(chosen, 'val', ('dice',))} | "
+                     f"{_cells(chosen, 'test', ('dice', 'f1', 'map', 'merges'))} | "
+                     f"{np.mean([r['seconds'] for r in chosen]):.0f} |")
+    if "recursive" in figures:
+        approximation = _runs_of(runs, name, "recursive", figures["recursive"]["variant"] + ", approximation")
+        if approximation:
+            lines += ["", "The chosen recursive run's last approximations on the training images: Dice "
+                      f"{_cells(approximation, 'val', ('dice',))}, object pairs merged beyond those the expert "
+                      f"mask has touching {_cells(approximation, 'val', ('merges',))}."]
+    return lines
+
+
+def bias_table(runs: dict, name: str, figures: dict) -> list[str]:
+    """RefineSeg against its no-heads control (a) as the annotator's bias grows (the variants chosen at bias 0)."""
+    lines = ["| annotators | bias px | refineseg test Dice | no heads (a) test Dice | difference |",
+             "|---|---|---|---|---|"]
+    settings = sorted({(r["annotators"], r["bias"]) for r in runs.values() if r["dataset"] == name})
+    for annotators, bias in settings:
+        pair = [_runs_of(runs, name, method, figures[method]["variant"], bias, annotators)
+                if method in figures else [] for method in ("refineseg", "no heads (a)")]
+        if not all(pair):
+            continue
+        seeds = sorted({r["seed"] for r in pair[0]} & {r["seed"] for r in pair[1]})
+        values = [[next(r["test"]["dice"] for r in runs_ if r["seed"] == s) for s in seeds] for runs_ in pair]
+        label = "one" if annotators == 1 else "two (+b, -b)"
+        lines.append(f"| {label} | {bias} | {mean_and_spread(values[0])} | {mean_and_spread(values[1])} | "
+                     f"{np.mean(values[0]) - np.mean(values[1]):+.3f} |")
+    return lines
+
+
 def report(args) -> int:
     runs = load_runs()
-    sections = []
-    figures = {}
+    sections, figures = [], {}
     for name in args.datasets:
         data = load_dataset(name)
-        lines = [f"**{data.description}.** Scribble drawings, seeds = annotators and initialisations.", "",
-                 "| method | chosen on validation | val Dice | test Dice | test F1@0.5 | test mAP 0.5-0.9 | train s |",
-                 "|---|---|---|---|---|---|---|"]
         figures[name] = {}
-        for method in METHODS:
-            variant, chosen = selected(runs, name, method)
-            if not chosen:
-                continue
-            figures[name][method] = {"variant": variant, "runs": chosen}
-            lines.append(f"| {method} | {variant} ({len(chosen)} seeds) | "
-                         + mean_and_spread([r["val"]["dice"] for r in chosen]) + " | "
-                         + " | ".join(mean_and_spread([r["test"][m] for r in chosen]) for m in ("dice", "f1", "map"))
-                         + f" | {np.mean([r['seconds'] for r in chosen]):.0f} |")
-        sections.append("\n".join(lines))
-    text = "\n\n".join(sections) + "\n"
+        sections.append("\n".join([
+            f"### {data.description}", "", "Scribble drawings (bias 0); seeds = annotators and initialisations.",
+            "", *main_table(runs, name, figures[name]), "",
+            "Recursive method (partial masks on every training image, the exact mask on the first):", "",
+            *recursive_table(runs, name, figures[name]), "", "Annotator bias:", "",
+            *bias_table(runs, name, figures[name]), "", "Every variant tried (chosen on validation Dice):", "",
+            *variants_table(runs, name)]))
+    machines = sorted({f"{r['machine']}, {r['device']}, {r['threads']} threads" for r in runs.values()})
+    text = ("Cells: mean over seeds (lowest-highest). Machine: " + "; ".join(machines) + ".\n\n"
+            + "\n\n".join(sections) + "\n")
     write_results(args.out, "realdata", text, figures)
     return 0
 

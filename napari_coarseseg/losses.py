@@ -106,16 +106,30 @@ def negative_loss(probabilities: torch.Tensor, transition: torch.Tensor, target:
     return masked_cross_entropy(v, target)
 
 
-def transition_regulariser(transitions: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over pixels of ``sum_r ||A_r - I||_F^2`` (eq. 7)."""
+def transition_regulariser(transitions: list[torch.Tensor], targets: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum_r ||A_r - I||_F^2``, averaged over every pixel (eq. 7) or over the pixels layer r marks.
+
+    Without ``targets``: the mean over all pixels of the batch (the paper).
+    With ``targets`` (one per transition, -1 where not drawn): each layer's
+    term is the mean over its own drawn pixels, so the pull towards the
+    identity weighs as much as that layer's loss however sparse its drawing
+    (averaged over every pixel, a drawing that covers 5 % of the image holds
+    its head with a twentieth of the weight). A layer with no drawn pixel
+    adds 0.
+    """
     if not transitions:
         return torch.zeros(())
     n_classes = transitions[0].shape[1]
     identity = torch.eye(n_classes, device=transitions[0].device, dtype=transitions[0].dtype)
     identity = identity.view(1, n_classes, n_classes, 1, 1)
     total = 0
-    for a in transitions:  # one term per drawing layer (a handful), not per pixel
-        total = total + ((a - identity) ** 2).sum(dim=(1, 2)).mean()
+    for r, a in enumerate(transitions):  # one term per drawing layer (a handful), not per pixel
+        deviation = ((a - identity) ** 2).sum(dim=(1, 2))
+        if targets is None:
+            total = total + deviation.mean()
+        else:
+            drawn = targets[r] >= 0
+            total = total + torch.where(drawn, deviation, torch.zeros_like(deviation)).sum() / drawn.sum().clamp(min=1)
     return total
 
 
@@ -128,8 +142,14 @@ def refineseg_loss(
     alpha: float = 0.6,
     beta: float = 0.4,
     regulariser_weight: float = 0.2,
+    regulariser_on: str = "all pixels",
 ) -> dict[str, torch.Tensor]:
     """Total loss of eq. 8 and its terms.
+
+    ``regulariser_on``: ``"all pixels"`` (eq. 7: the positive layers' heads,
+    averaged over every pixel) or ``"drawn pixels"`` (every layer's head,
+    negative ones included, averaged over the pixels that layer marks; see
+    :func:`transition_regulariser`).
 
     Returns
     -------
@@ -142,7 +162,13 @@ def refineseg_loss(
     negative = sum(
         (negative_loss(probabilities, a, t) for a, t in zip(negative_transitions, negative_targets, strict=True)), zero
     )
-    regulariser = transition_regulariser(positive_transitions) if positive_transitions else zero
+    if regulariser_on == "all pixels":
+        regulariser = transition_regulariser(positive_transitions) if positive_transitions else zero
+    elif regulariser_on == "drawn pixels":
+        regulariser = transition_regulariser(positive_transitions + negative_transitions,
+                                             positive_targets + negative_targets)
+    else:
+        raise ValueError(f"regulariser_on must be 'all pixels' or 'drawn pixels', got {regulariser_on!r}")
     total = positive + negative + regulariser_weight * regulariser
     return {"total": total, "positive": positive, "negative": negative, "regulariser": regulariser}
 

@@ -53,6 +53,11 @@ class TrainingConfig:
         Refineseg loss weights (eq. 2-8).
     diagonal_bias : float
         Initial diagonal logit of the transition heads.
+    regulariser_on : str
+        Refineseg: where the heads are pulled towards the identity:
+        ``"all pixels"`` (the paper's eq. 7: positive layers' heads, mean
+        over every pixel) or ``"drawn pixels"`` (every head, negative ones
+        too, mean over the pixels its layer marks).
     transition_heads : bool
         Refineseg: learn a transition head per drawing layer (the method).
         ``False`` holds every head at the identity, which leaves a partial
@@ -104,6 +109,7 @@ class TrainingConfig:
     beta: float = 0.4
     regulariser_weight: float = 0.2
     diagonal_bias: float = 4.0
+    regulariser_on: str = "all pixels"
     transition_heads: bool = True
     drawn_fraction: float = 0.7
     jitter: float = 0.1
@@ -139,6 +145,8 @@ class TrainingConfig:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
         if not self.prediction_gate >= 0:
             raise ValueError(f"prediction_gate must be >= 0 pixels (inf: no gate), got {self.prediction_gate}")
+        if self.regulariser_on not in ("all pixels", "drawn pixels"):
+            raise ValueError(f"regulariser_on must be 'all pixels' or 'drawn pixels', got {self.regulariser_on!r}")
         return self
 
 

@@ -223,6 +223,35 @@ def test_transition_regulariser_by_hand():
     assert transition_regulariser([]).item() == 0.0
 
 
+def test_transition_regulariser_over_drawn_pixels_by_hand():
+    """With targets, each layer's term is the mean over ITS drawn pixels: a sparse drawing holds its head as
+    firmly as a dense one; a layer with nothing drawn adds 0."""
+    a1 = t(np.zeros((1, 2, 2, 1, 2)))
+    a1[0, :, :, 0, 0] = t([[1.0, 0.0], [0.0, 1.0]])
+    a1[0, :, :, 0, 1] = t([[0.8, 0.3], [0.2, 0.7]])
+    a2 = constant_transition(A2, 1, 2)
+    norm1 = 0.2**2 + 0.3**2 + 0.2**2 + 0.3**2
+    norm2 = 0.1**2 + 0.3**2 + 0.1**2 + 0.3**2
+    only_pixel_1 = torch.tensor([[[-1, 1]]])
+    nothing = torch.full((1, 1, 2), -1)
+    assert transition_regulariser([a1], [only_pixel_1]).item() == pytest.approx(norm1, rel=1e-9)
+    assert transition_regulariser([a1, a2], [only_pixel_1, nothing]).item() == pytest.approx(norm1, rel=1e-9)
+    both = torch.tensor([[[0, 1]]])
+    assert transition_regulariser([a1, a2], [both, both]).item() == pytest.approx(norm1 / 2 + norm2, rel=1e-9)
+
+
+def test_drawn_pixel_regulariser_holds_negative_heads_too():
+    p = t(np.full((1, 2, 1, 2), 0.5))
+    y = torch.tensor([[[1, -1]]])
+    a_neg = constant_transition(A2, 1, 2)
+    paper = refineseg_loss(p, [identity_transition(p)], [y], [a_neg], [y], regulariser_on="all pixels")
+    drawn = refineseg_loss(p, [identity_transition(p)], [y], [a_neg], [y], regulariser_on="drawn pixels")
+    assert paper["regulariser"].item() == 0.0  # eq. 7 leaves negative heads free
+    assert drawn["regulariser"].item() == pytest.approx(0.1**2 + 0.3**2 + 0.1**2 + 0.3**2, rel=1e-6)
+    with pytest.raises(ValueError, match="regulariser_on"):
+        refineseg_loss(p, [a_neg], [y], [], [], regulariser_on="everywhere")
+
+
 def test_refineseg_loss_terms_and_weighted_total():
     p = t([[[[0.6, 0.2, 0.5]], [[0.4, 0.8, 0.5]]]])
     a_pos = constant_transition(A2, 1, 3)

@@ -245,7 +245,8 @@ class RefinesegTraining(TrainingLoop):
         transitions = [a.float() for a in transitions] or self._identity_heads(probabilities, len(targets))
         n, config = self.n_positive, self.config
         return refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
-                              list(targets[n:]), config.alpha, config.beta, config.regulariser_weight)
+                              list(targets[n:]), config.alpha, config.beta, config.regulariser_weight,
+                              config.regulariser_on)
 
     @staticmethod
     def _identity_heads(probabilities: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
