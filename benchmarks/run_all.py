@@ -41,6 +41,7 @@ BENCHMARKS = {
     "scale": ("scale.py", [], "Scale"),
     "curves": ("curves.py", [], "Dice against training seconds"),
     "accuracy": ("accuracy.py", [], "RefineSeg accuracy"),
+    "realdata": ("realdata.py", ["run"], "Real data with hand-like drawings"),
     "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
 }
 

@@ -6,6 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -103,3 +104,19 @@ def test_realdata_splits_share_no_image(realdata):
         assert len(seen) == len(set(seen))
     em = realdata.EM_SPLITS
     assert min(em["val"]) - max(em["train"]) >= 5 and min(em["test"]) - max(em["val"]) >= 5
+
+
+def test_seconds_to_final_is_the_first_time_within_a_hundredth_of_the_final_dice(realdata):
+    truth = np.zeros((1, 10, 10), int)
+    truth[0, :, :5] = 1
+
+    def masks(columns):
+        mask = np.zeros((10, 10), int)
+        mask[:, :columns] = 1
+        return [mask]
+
+    # Dice 0.667 at 1 s, 0.889 at 2 s, 1.0 at 3 s and at 4 s: the first within 0.01 of the final is 3 s.
+    evolution = [(1.0, masks(10)), (2.0, masks(4)), (3.0, masks(5)), (4.0, masks(5))]
+    assert realdata.seconds_to_final(evolution, list(truth)) == 3.0
+    assert realdata.seconds_to_final(evolution, list(truth), tolerance=0.12) == 2.0
+    assert realdata.seconds_to_final([], list(truth)) is None
