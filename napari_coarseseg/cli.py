@@ -50,15 +50,8 @@ def _range_of(what: str, example: str):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="coarseseg",
-        description="Train segmentation networks from coarse drawings (RefineSeg, recursive approximation) "
-                    "and apply them.",
-    )
-    parser.add_argument("--version", action="version", version=f"napari-coarseseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_simulate_parser(sub) -> None:
+    """The ``simulate`` subcommand and its options (both drawing styles)."""
     sim = sub.add_parser("simulate", help="simulate coarse drawings from a full mask",
                          description="Write positive.tif, negative.tif and partial.tif simulated from a full mask.")
     sim.add_argument("labels", help="full mask TIFF (0 = background, 1..K = classes, or instances)")
@@ -95,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--bias", type=int,
                      help="scribble: annotator bias, positive strokes dilated (>0) or eroded (<0) by this many "
                           "pixels (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coarseseg",
+        description="Train segmentation networks from coarse drawings (RefineSeg, recursive approximation) "
+                    "and apply them.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-coarseseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_simulate_parser(sub)
 
     train = sub.add_parser("train", help="train a model from an image and its coarse drawings",
                            description="Train a model. IMAGE and drawings are TIFFs of identical shape, or "
