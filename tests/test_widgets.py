@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from napari_coarseseg import save_model  # noqa: E402
+from napari_coarseseg import load_preset, save_model  # noqa: E402
 from napari_coarseseg._widgets import ROLE_KEY, AnnotationsWidget, PredictWidget, TrainWidget  # noqa: E402
 
 PLUGIN = "napari-coarseseg"
