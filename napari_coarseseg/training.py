@@ -206,7 +206,7 @@ def load_preset(name: str) -> TrainingConfig:
     Examples
     --------
     >>> load_preset("refineseg").steps
-    300
+    500
     """
     path = Path(name)
     if not path.is_file():
