@@ -22,7 +22,7 @@ and -b.
 Methods (same drawings, same budget):
 
 - ``refineseg``: this package, a variant of the ``refineseg`` preset;
-- ``no heads (a)``: the same with ``transition_heads=False`` (a partial
+- ``no heads (a)``: the same with ``transition_heads="none"`` (a partial
   cross-entropy + Dice on positives and negatives);
 - ``naive (b)``: the same U-Net with dense cross-entropy, the positive
   strokes taken as the full mask (everything else, negatives included, is
@@ -157,6 +157,7 @@ def drawings_of(data: Dataset, seed: int, bias: int = 0, annotators: int = 1):
 REFINESEG_VARIANTS = {
     "preset": {},
     "300 steps": {"steps": 300},
+    "negative heads off": {"transition_heads": "positive"},
 }
 # The forest's grid: scikit-image's example uses 50 trees, depth 10 and 5 % of the drawn pixels per tree;
 # ilastik grows 100 trees on all of them.
@@ -208,7 +209,7 @@ def run_network(method: str, data: Dataset, positive, negative, seed: int, overr
     config = load_preset("refineseg").replace(**overrides)
     start = time.perf_counter()
     if method in ("refineseg", "no heads (a)"):
-        config = config.replace(transition_heads=method == "refineseg")
+        config = config.replace(transition_heads="none") if method == "no heads (a)" else config
         evolution = []
         model = run_to_end(train_refineseg(images, positive, negative, config=config, seed=seed, device=device),
                            lambda e: evolution.append((e.elapsed, e.masks)) if e.masks is not None and e.step else None)
@@ -293,7 +294,8 @@ def run_random_forest(data: Dataset, positive, negative, seed: int, settings: di
 
 
 # Settings of the network itself are tried on both; the heads' own only where there are heads.
-NO_HEADS_VARIANTS = {name: v for name, v in REFINESEG_VARIANTS.items() if "regulariser" not in name}
+NO_HEADS_VARIANTS = {name: v for name, v in REFINESEG_VARIANTS.items()
+                     if "regulariser" not in name and "heads" not in name}
 PREDICT_TIME = (", flips", ", prior off", ", seed level 0", ", gate off")
 METHODS = {"refineseg": REFINESEG_VARIANTS, "no heads (a)": NO_HEADS_VARIANTS, "naive (b)": DENSE_VARIANTS,
            "random forest (c)": RF_VARIANTS, "full (d)": DENSE_VARIANTS,

@@ -58,11 +58,13 @@ class TrainingConfig:
         ``"all pixels"`` (the paper's eq. 7: positive layers' heads, mean
         over every pixel) or ``"drawn pixels"`` (every head, negative ones
         too, mean over the pixels its layer marks).
-    transition_heads : bool
-        Refineseg: learn a transition head per drawing layer (the method).
-        ``False`` holds every head at the identity, which leaves a partial
-        cross-entropy + Dice on the drawn pixels (positives and negatives):
-        the no-heads control the heads must beat.
+    transition_heads : str
+        Refineseg: which drawing layers get a learned transition head.
+        ``"all"`` (the paper: every positive and negative layer),
+        ``"positive"`` (negative layers' heads held at the identity: a "not
+        k" stroke then always speaks about p itself) or ``"none"`` (every
+        head held at the identity, which leaves a partial cross-entropy +
+        Dice on the drawn pixels: the no-heads control the heads must beat).
     drawn_fraction : float
         Fraction of patches centred on a drawn pixel.
     jitter : float
@@ -110,7 +112,7 @@ class TrainingConfig:
     regulariser_weight: float = 0.2
     diagonal_bias: float = 4.0
     regulariser_on: str = "all pixels"
-    transition_heads: bool = True
+    transition_heads: str = "all"
     drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50
@@ -145,6 +147,8 @@ class TrainingConfig:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
         if not self.prediction_gate >= 0:
             raise ValueError(f"prediction_gate must be >= 0 pixels (inf: no gate), got {self.prediction_gate}")
+        if self.transition_heads not in ("all", "positive", "none"):
+            raise ValueError(f"transition_heads must be 'all', 'positive' or 'none', got {self.transition_heads!r}")
         if self.regulariser_on not in ("all pixels", "drawn pixels"):
             raise ValueError(f"regulariser_on must be 'all pixels' or 'drawn pixels', got {self.regulariser_on!r}")
         return self

@@ -193,13 +193,13 @@ def test_learns_discs_from_coarse_drawings(discs, disc_drawings, disc_model):
 
 
 def test_without_heads_the_loss_is_partial_cross_entropy_and_dice_of_p(discs, disc_drawings):
-    """transition_heads=False: q = p, so the loss is alpha CE + beta Dice of p on the positive strokes plus
+    """transition_heads="none": q = p, so the loss is alpha CE + beta Dice of p on the positive strokes plus
     -log(1 - p_k) on the "not k" strokes (two labels), and nothing else; the model has no head."""
     image, _ = discs
     images = TrainingImages(image)
     drawings = refineseg.RefinesegDrawings(images, [disc_drawings.positive], [disc_drawings.negative])
     settings = {k: v for k, v in TINY.items() if k != "device"}
-    config = load_preset("refineseg").replace(transition_heads=False, **settings)
+    config = load_preset("refineseg").replace(transition_heads="none", **settings)
     loop = refineseg.RefinesegTraining(images, drawings, config, seed=0, device="cpu")
     assert len(loop.modules["heads"]) == 0
     generator = torch.Generator().manual_seed(0)
@@ -225,7 +225,7 @@ def test_without_heads_the_loss_is_partial_cross_entropy_and_dice_of_p(discs, di
     assert torch.allclose(terms["negative"], expected_negative, atol=1e-5)
     assert float(terms["regulariser"]) == 0
     model = run_to_end(train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative],
-                                       transition_heads=False, **TINY))
+                                       transition_heads="none", **TINY))
     assert len(model.heads) == 0 and model.card["network"]["n_heads"] == 0
     assert predict(model, image, device="cpu").labels.shape == image.shape
 
@@ -305,3 +305,24 @@ def test_unknown_preset_names_the_available_ones():
         load_preset("fastest")
     for name in list_presets():
         assert name in str(info.value)
+
+
+def test_positive_heads_only_hold_negative_layers_at_the_identity(discs, disc_drawings):
+    """transition_heads="positive": one head per positive layer; the negative loss is -log(1 - p_k) of p itself."""
+    image, _ = discs
+    images = TrainingImages(image)
+    drawings = refineseg.RefinesegDrawings(images, [disc_drawings.positive], [disc_drawings.negative])
+    settings = {k: v for k, v in TINY.items() if k != "device"}
+    loop = refineseg.RefinesegTraining(images, drawings, load_preset("refineseg").replace(
+        transition_heads="positive", **settings), seed=0, device="cpu")
+    assert len(loop.modules["heads"]) == 1
+    logits = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    positive = torch.full((2, 8, 8), -1)
+    negative = torch.full((2, 8, 8), -1)
+    negative[:, :3] = 1
+    swapped = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).view(1, 2, 2, 1, 1).expand(2, 2, 2, 8, 8)
+    terms = loop.loss_terms((logits, [swapped]), [positive, negative])
+    p = torch.softmax(logits, dim=1)
+    assert torch.allclose(terms["negative"], -torch.log(1 - p[:, 1][negative >= 0]).mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="transition_heads"):
+        load_preset("refineseg").replace(transition_heads="some").validate()

@@ -227,7 +227,8 @@ class RefinesegTraining(TrainingLoop):
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
         network = UNet(self.images.channels, n_labels, config.base_channels, config.depth)
-        n_heads = self.n_positive + len(self.drawings.negative_targets) if config.transition_heads else 0
+        n_heads = {"all": self.n_positive + len(self.drawings.negative_targets), "positive": self.n_positive,
+                   "none": 0}[config.transition_heads]
         heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
                                for _ in range(n_heads)])
         return {"network": network, "heads": heads}
@@ -242,7 +243,9 @@ class RefinesegTraining(TrainingLoop):
     def loss_terms(self, outputs, targets):
         logits, transitions = outputs
         probabilities = torch.softmax(logits.float(), dim=1)
-        transitions = [a.float() for a in transitions] or self._identity_heads(probabilities, len(targets))
+        # Layers without a head (after the headed ones: positives come first) see the identity.
+        transitions = [a.float() for a in transitions]
+        transitions += self._identity_heads(probabilities, len(targets) - len(transitions))
         n, config = self.n_positive, self.config
         return refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
                               list(targets[n:]), config.alpha, config.beta, config.regulariser_weight,
@@ -250,7 +253,7 @@ class RefinesegTraining(TrainingLoop):
 
     @staticmethod
     def _identity_heads(probabilities: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
-        """Heads held at the identity (``transition_heads=False``): ``q = p``, a regulariser of 0."""
+        """Heads held at the identity (see ``transition_heads``): ``q = p``, a regulariser of 0."""
         batch, n_labels, height, width = probabilities.shape
         identity = torch.eye(n_labels, device=probabilities.device).view(1, n_labels, n_labels, 1, 1)
         return [identity.expand(batch, n_labels, n_labels, height, width)] * n_layers
