@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -158,6 +159,7 @@ REFINESEG_VARIANTS = {
     "preset": {},
     "300 steps": {"steps": 300},
     "negative heads off": {"transition_heads": "positive"},
+    "regulariser 5 on drawn pixels": {"regulariser_on": "drawn pixels", "regulariser_weight": 5.0},
 }
 # The forest's grid: scikit-image's example uses 50 trees, depth 10 and 5 % of the drawn pixels per tree;
 # ilastik grows 100 trees on all of them.
@@ -313,11 +315,14 @@ def load_runs(path: Path = RUNS_FILE) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_runs(runs: dict, path: Path = RUNS_FILE) -> None:
+def save_runs(new: dict, path: Path = RUNS_FILE) -> dict:
+    """Add ``new`` records to the file: read it again first, so that two runs at once keep each other's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
+    runs = {**load_runs(path), **new}
+    temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(runs, indent=1, sort_keys=True))
     temporary.replace(path)
+    return runs
 
 
 def run(args) -> int:
@@ -357,7 +362,7 @@ def run(args) -> int:
                             "seconds_to_final": CONVERGENCE.pop(method, None) if not suffix else None,
                             "machine": platform.processor() or platform.machine()}
                         print(f"{key}{suffix}: val Dice {scores['val']['dice']:.3f}, {seconds:.0f} s", flush=True)
-                    save_runs(runs)
+                    runs = save_runs({k: r for k, r in runs.items() if k.startswith(key)})
     return report(args)
 
 
@@ -368,10 +373,11 @@ def base_variant(variant: str) -> str:
     return variant
 
 
-def selected(runs: dict, dataset: str, method: str, bias=0, annotators=1, base: str | None = None):
+def selected(runs: dict, dataset: str, method: str, bias=0, annotators=1, base: str | None = None,
+             measure: str = "dice"):
     """The variant of ``method`` to report, and its runs: among the variants run with the most seeds, the one
-    with the best mean VALIDATION Dice (a variant screened with fewer seeds is not reported). ``base``: only
-    the variants trained with those settings (the same budget as another method's choice)."""
+    with the best mean VALIDATION ``measure`` (a variant screened with fewer seeds is not reported). ``base``:
+    only the variants trained with those settings (the same budget as another method's choice)."""
     by_variant = {}
     for record in runs.values():
         # The approximation records score the training images: never a candidate.
@@ -381,12 +387,18 @@ def selected(runs: dict, dataset: str, method: str, bias=0, annotators=1, base: 
             by_variant.setdefault(record["variant"], []).append(record)
     if not by_variant:
         return None, []
-    best = max(by_variant, key=lambda v: (len(by_variant[v]), np.mean([r["val"]["dice"] for r in by_variant[v]])))
+    best = max(by_variant, key=lambda v: (len(by_variant[v]), np.mean([r["val"][measure] for r in by_variant[v]])))
     return best, sorted(by_variant[best], key=lambda r: r["seed"])
 
 
 def _cells(records, split: str, measures=("dice", "f1", "map")) -> str:
-    return " | ".join(mean_and_spread([r[split][m] for r in records]) for m in measures)
+    def cell(m):
+        values = [r[split][m] for r in records]
+        if m == "merges":  # a count of object pairs
+            return f"{np.mean(values):.1f}" + (f" ({min(values)}-{max(values)})" if len(values) > 1 else "")
+        return mean_and_spread(values)
+
+    return " | ".join(cell(m) for m in measures)
 
 
 def _runs_of(runs: dict, dataset: str, method: str, variant: str, bias=0, annotators=1) -> list:
@@ -438,18 +450,20 @@ def variants_table(runs: dict, name: str) -> list[str]:
 
 def recursive_table(runs: dict, name: str, figures: dict) -> list[str]:
     """The recursive method against SL, WL and the forest on the same information."""
-    lines = ["| method | chosen on validation | val Dice | test Dice | test F1@0.5 | test mAP | test merges "
+    lines = ["| method | chosen on validation F1 | val F1@0.5 | test Dice | test F1@0.5 | test mAP | test merges "
              "| train s |", "|---|---|---|---|---|---|---|---|"]
     for method in RECURSIVE_GROUP:
-        variant, chosen = selected(runs, name, method)
+        # The recursive method's output is read as instances: its variants are chosen on validation object F1.
+        variant, chosen = selected(runs, name, method, measure="f1")
         if not chosen:
             continue
         figures[method] = {"variant": variant, "runs": chosen}
-        lines.append(f"| {method} | {variant} ({len(chosen)} seeds) | {_cells(chosen, 'val', ('dice',))} | "
+        lines.append(f"| {method} | {variant} ({len(chosen)} seeds) | {_cells(chosen, 'val', ('f1',))} | "
                      f"{_cells(chosen, 'test', ('dice', 'f1', 'map', 'merges'))} | "
                      f"{np.mean([r['seconds'] for r in chosen]):.0f} |")
     if "recursive" in figures:
-        approximation = _runs_of(runs, name, "recursive", figures["recursive"]["variant"] + ", approximation")
+        trained = base_variant(figures["recursive"]["variant"])
+        approximation = _runs_of(runs, name, "recursive", trained + ", approximation")
         if approximation:
             lines += ["", "The chosen recursive run's last approximations on the training images: Dice "
                       f"{_cells(approximation, 'val', ('dice',))}, object pairs merged beyond those the expert "

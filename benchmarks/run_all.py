@@ -7,6 +7,8 @@ Runs, one after the other (each alone on the machine, so timings are clean):
 3. ``scale.py`` (peak memory and throughput on big images, about 4 minutes);
 4. ``curves.py`` (Dice against training seconds, budget sweep on fold 0, about 5 minutes);
 5. ``accuracy.py`` (RefineSeg against its baselines, 4 folds x 3 seeds, about 45 minutes);
+   ``realdata.py run`` (scribbles on the nuclei and the EM stack, every method and variant, 3 seeds; the
+   runs already in ``realdata_runs.json`` are kept, so a first full run takes several hours on 2 cores);
 6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes).
 
 Then writes ``results.json`` (every script's JSON under its name) and
