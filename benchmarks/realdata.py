@@ -176,6 +176,11 @@ RECURSIVE_VARIANTS = {
 }
 
 
+def drawn_positive(positive, image: int) -> np.ndarray:
+    """Where any positive layer marks training image ``image``."""
+    return np.any([layer[image] > 0 for layer in positive], axis=0)
+
+
 def score(predictions, truths) -> dict:
     """Dice of the foreground pooled over the images; F1 at IoU 0.5, mAP 0.5-0.9 and merged pairs (beyond those
     the expert mask has touching) of the connected components of the prediction."""
@@ -221,7 +226,7 @@ def run_network(method: str, data: Dataset, positive, negative, seed: int, overr
                 ", prior off": lambda image: predict(model, image, device=device, prior_correction=False).labels,
                 ", flips": lambda image: predict(model, image, device=device, flips=True).labels}, seconds
     if method == "naive (b)":
-        masks = [sum(layer[i] > 0 for layer in positive) > 0 for i in range(len(images))]
+        masks = [drawn_positive(positive, i) for i in range(len(images))]
     elif method == "full (d)":
         masks = [labels > 0 for labels in data.labels["train"]]
     else:
@@ -270,29 +275,30 @@ def run_recursive_group(method: str, data: Dataset, partial, seed: int, override
     return {"": lambda image: predict_dense(network, image, device)}, seconds
 
 
+def fit_forest(data: Dataset, strokes, seed: int, settings: dict):
+    """Fit the forest on ``strokes`` (scikit-image's convention: 0 unlabelled, 1 background, 2 foreground, one per
+    training image); return ``({"": predict function}, seconds)``, the seconds counting the training images'
+    features as well (they are cached across variants: what they took when first computed)."""
+    start = time.perf_counter()
+    forest = random_forest_fit(data.images["train"], strokes, seed=seed, **settings)
+    seconds = time.perf_counter() - start + sum(feature_seconds(image, settings["sigma_max"])
+                                                 for image in data.images["train"])
+    return {"": lambda image: random_forest_predict(forest, image)}, seconds
+
+
 def run_random_forest_same_information(data: Dataset, partial, seed: int, settings: dict):
     """The forest on the recursive method's information: foreground = partial masks and the exact mask's objects,
     background = the exact mask's background."""
-    strong = strong_masks(data)
     strokes = [np.where(s > 0, 2, 1) if s is not None else np.where(p > 0, 2, 0)
-               for s, p in zip(strong, partial, strict=True)]
-    start = time.perf_counter()
-    forest = random_forest_fit(data.images["train"], strokes, seed=seed, **settings)
-    seconds = time.perf_counter() - start + sum(feature_seconds(image, settings["sigma_max"])
-                                                 for image in data.images["train"])
-    return {"": lambda image: random_forest_predict(forest, image)}, seconds
+               for s, p in zip(strong_masks(data), partial, strict=True)]
+    return fit_forest(data, strokes, seed, settings)
 
 
 def run_random_forest(data: Dataset, positive, negative, seed: int, settings: dict):
-    """Fit the forest on the strokes; return ``(predict function, fit seconds)``."""
-    strokes = [np.where(sum(layer[i] > 0 for layer in positive) > 0, 2, np.where(negative[0][i] > 0, 1, 0))
+    """The forest on the strokes: foreground = any positive layer, background = the negative layer."""
+    strokes = [np.where(drawn_positive(positive, i), 2, np.where(negative[0][i] > 0, 1, 0))
                for i in range(len(data.images["train"]))]
-    start = time.perf_counter()
-    forest = random_forest_fit(data.images["train"], strokes, seed=seed, **settings)
-    # The training images' features are cached across variants: count what they took when first computed.
-    seconds = time.perf_counter() - start + sum(feature_seconds(image, settings["sigma_max"])
-                                                 for image in data.images["train"])
-    return {"": lambda image: random_forest_predict(forest, image)}, seconds
+    return fit_forest(data, strokes, seed, settings)
 
 
 # Settings of the network itself are tried on both; the heads' own only where there are heads.
