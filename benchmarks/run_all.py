@@ -9,6 +9,7 @@ Runs, one after the other (each alone on the machine, so timings are clean):
 5. ``accuracy.py`` (RefineSeg against its baselines, 4 folds x 3 seeds, about 45 minutes);
    ``realdata.py run`` (scribbles on the nuclei and the EM stack, every method and variant, 3 seeds; the
    runs already in ``realdata_runs.json`` are kept, so a first full run takes several hours on 2 cores);
+   ``heads.py`` (what the heads and the network learn from a 4 px biased annotator, about 3 minutes);
 6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes).
 
 Then writes ``results.json`` (every script's JSON under its name) and
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "curves": ("curves.py", [], "Dice against training seconds"),
     "accuracy": ("accuracy.py", [], "RefineSeg accuracy"),
     "realdata": ("realdata.py", ["run"], "Real data with hand-like drawings"),
+    "heads": ("heads.py", [], "What the transition heads learn from a biased annotator"),
     "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
 }
 

@@ -22,6 +22,7 @@ References
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "transition_regulariser",
     "refineseg_loss",
     "masked_nll",
+    "edge_aware_smoothness",
 ]
 
 EPS = 1e-7
@@ -183,3 +185,51 @@ def masked_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     log_p = torch.log_softmax(logits.float(), dim=1)
     value, drawn = _gather(log_p, target)
     return -torch.where(drawn, value, torch.zeros_like(value)).sum() / drawn.sum().clamp(min=1)
+
+
+def edge_aware_smoothness(probabilities: torch.Tensor, images: torch.Tensor, radius: int = 2,
+                          sigma: float = 0.5) -> torch.Tensor:
+    """Potts relaxation with intensity-gated pair weights: label changes are cheap only across image edges.
+
+    ``S = sum_{i~j} w_ij (1 - sum_k p_ik p_jk) / sum_{i~j} 1`` over the pixel
+    pairs ``i ~ j`` of a ``(2 radius + 1)``-square window, with
+    ``w_ij = exp(-||I_i - I_j||^2 / (2 sigma^2))`` on the (normalised)
+    image channels. ``1 - sum_k p_ik p_jk`` is the chance that two pixels
+    drawn from their softmaxes disagree. This is the local ("gated") CRF loss
+    of scribble-supervised segmentation [3]_: it reaches the pixels nobody
+    drew, which the partial losses leave free, and pulls the boundary onto
+    the image's edges.
+
+    ``images``: (B, C, H, W), the batch the probabilities were computed on.
+
+    References
+    ----------
+    .. [3] A. Obukhov, S. Georgoulis, D. Dai, L. Van Gool, "Gated CRF Loss for
+       Weakly Supervised Semantic Image Segmentation", arXiv:1906.04651, 2019;
+       M. Tang et al., "On Regularized Losses for Weakly-supervised CNN
+       Segmentation", ECCV 2018.
+
+    Examples
+    --------
+    >>> p = torch.zeros(1, 2, 4, 4); p[:, 0, :, :2] = 1; p[:, 1, :, 2:] = 1
+    >>> flat = torch.zeros(1, 1, 4, 4)
+    >>> edge = torch.zeros(1, 1, 4, 4); edge[..., 2:] = 10
+    >>> bool(edge_aware_smoothness(p, flat, 1) > 0), float(edge_aware_smoothness(p, edge, 1))
+    (True, 0.0)
+    """
+    if radius < 1 or sigma <= 0:
+        raise ValueError(f"radius must be >= 1 and sigma > 0, got {radius} and {sigma}")
+    images = images.to(probabilities.dtype)
+    height, width = probabilities.shape[-2:]
+    total, pairs = probabilities.sum() * 0, 0
+    # Half of the window's offsets: the pair (i, j) and (j, i) count once. A loop over
+    # the (2 r + 1)^2 / 2 offsets, each a vectorised pass over all pixels.
+    offsets = [(dy, dx) for dy in range(0, radius + 1) for dx in range(-radius, radius + 1) if (dy, dx) > (0, 0)]
+    for dy, dx in offsets:
+        here = np.s_[..., : height - dy, max(-dx, 0): width - max(dx, 0)]
+        there = np.s_[..., dy:, max(dx, 0): width - max(-dx, 0)]
+        weight = torch.exp(-((images[here] - images[there]) ** 2).sum(1) / (2 * sigma**2))
+        disagree = 1 - (probabilities[here] * probabilities[there]).sum(1)
+        total = total + (weight * disagree).sum()
+        pairs += weight.numel()
+    return total / max(pairs, 1)

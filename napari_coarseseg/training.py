@@ -65,6 +65,10 @@ class TrainingConfig:
         k" stroke then always speaks about p itself) or ``"none"`` (every
         head held at the identity, which leaves a partial cross-entropy +
         Dice on the drawn pixels: the no-heads control the heads must beat).
+    smoothness_weight, smoothness_sigma : float
+        Refineseg: weight of the edge-aware smoothness term on every pixel of
+        the patch (:func:`~napari_coarseseg.losses.edge_aware_smoothness`; 0:
+        off) and its intensity scale, in units of the normalised image.
     drawn_fraction : float
         Fraction of patches centred on a drawn pixel.
     jitter : float
@@ -113,6 +117,8 @@ class TrainingConfig:
     diagonal_bias: float = 4.0
     regulariser_on: str = "all pixels"
     transition_heads: str = "all"
+    smoothness_weight: float = 0.0
+    smoothness_sigma: float = 0.5
     drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50
@@ -143,6 +149,9 @@ class TrainingConfig:
             raise ValueError(
                 f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
             )
+        if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0):
+            raise ValueError(f"smoothness_weight must be >= 0 and smoothness_sigma > 0, got "
+                             f"{self.smoothness_weight} and {self.smoothness_sigma}")
         if not 0 <= self.drawn_fraction <= 1:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
         if not self.prediction_gate >= 0:

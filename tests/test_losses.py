@@ -17,6 +17,7 @@ import torch
 from napari_coarseseg.losses import (
     EPS,
     coarse_distribution,
+    edge_aware_smoothness,
     masked_cross_entropy,
     masked_dice_loss,
     negative_loss,
@@ -344,3 +345,30 @@ def test_nothing_drawn_gives_zero_loss_and_finite_zero_gradient(name):
     assert value.item() == pytest.approx(regulariser, abs=1e-12)
     assert torch.isfinite(logits.grad).all()
     assert torch.all(logits.grad == 0)
+
+
+def test_edge_aware_smoothness_by_hand():
+    # One row of three pixels, radius 1: the pairs (0, 1) and (1, 2), no vertical pair.
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]).T.reshape(1, 2, 1, 3)
+    image = torch.tensor([0.0, 0.3, 2.0]).reshape(1, 1, 1, 3)
+    sigma = 0.5
+    w01, w12 = math.exp(-(0.3**2) / (2 * sigma**2)), math.exp(-(1.7**2) / (2 * sigma**2))
+    d01, d12 = 1 - (0.9 * 0.6 + 0.1 * 0.4), 1 - (0.6 * 0.2 + 0.4 * 0.8)
+    expected = (w01 * d01 + w12 * d12) / 2
+    assert math.isclose(float(edge_aware_smoothness(p, image, radius=1, sigma=sigma)), expected, rel_tol=1e-5)
+
+
+def test_edge_aware_smoothness_pulls_an_undrawn_pixel_towards_its_like_neighbours():
+    # A flat region of class 1 with one uncertain pixel in its middle, and a bright edge to its right: the
+    # gradient raises the uncertain pixel's class-1 probability, and the pixels across the edge feel nothing.
+    logits = torch.zeros(1, 2, 5, 6)
+    logits[:, 1, :, :3] = 4.0
+    logits[:, 1, 2, 1] = 0.0
+    logits.requires_grad_(True)
+    image = torch.zeros(1, 1, 5, 6)
+    image[..., 3:] = 10.0
+    edge_aware_smoothness(torch.softmax(logits, 1), image, radius=2).backward()
+    assert logits.grad[0, 1, 2, 1] < 0  # descent raises the class-1 logit
+    assert torch.all(logits.grad[..., 3:] == 0)
+    with pytest.raises(ValueError, match="radius"):
+        edge_aware_smoothness(torch.softmax(logits, 1), image, radius=0)

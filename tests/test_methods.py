@@ -57,7 +57,7 @@ class DenseTraining(TrainingLoop):
     def targets(self):
         return [self.dense_targets]
 
-    def loss_terms(self, outputs, targets):
+    def loss_terms(self, outputs, targets, images):
         logits, _ = outputs
         return {"total": masked_nll(logits, targets[0])}
 

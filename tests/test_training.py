@@ -20,6 +20,7 @@ from napari_coarseseg import (
     train_refineseg,
 )
 from napari_coarseseg.data import TrainingImages
+from napari_coarseseg.losses import edge_aware_smoothness
 from napari_coarseseg.methods import _loop, refineseg
 from napari_coarseseg.training import models_dir
 
@@ -209,7 +210,7 @@ def test_without_heads_the_loss_is_partial_cross_entropy_and_dice_of_p(discs, di
     positive[:, 0, :] = 0
     negative = torch.full((2, 8, 8), -1)
     negative[:, 6:, :] = 1  # "not class 1"
-    terms = loop.loss_terms((logits, []), [positive, negative])
+    terms = loop.loss_terms((logits, []), [positive, negative], torch.zeros(2, 1, 8, 8))
 
     p = torch.softmax(logits, dim=1)
     drawn = positive >= 0
@@ -321,8 +322,34 @@ def test_positive_heads_only_hold_negative_layers_at_the_identity(discs, disc_dr
     negative = torch.full((2, 8, 8), -1)
     negative[:, :3] = 1
     swapped = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).view(1, 2, 2, 1, 1).expand(2, 2, 2, 8, 8)
-    terms = loop.loss_terms((logits, [swapped]), [positive, negative])
+    terms = loop.loss_terms((logits, [swapped]), [positive, negative], torch.zeros(2, 1, 8, 8))
     p = torch.softmax(logits, dim=1)
     assert torch.allclose(terms["negative"], -torch.log(1 - p[:, 1][negative >= 0]).mean(), atol=1e-5)
     with pytest.raises(ValueError, match="transition_heads"):
         load_preset("refineseg").replace(transition_heads="some").validate()
+
+
+def test_smoothness_term_is_added_with_its_weight(discs, disc_drawings):
+    """smoothness_weight w > 0: the total gains w times the edge-aware smoothness of p on the batch's images."""
+    image, _ = discs
+    images = TrainingImages(image)
+    drawings = refineseg.RefinesegDrawings(images, [disc_drawings.positive], [disc_drawings.negative])
+    settings = {k: v for k, v in TINY.items() if k != "device"}
+    logits = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    batch = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    positive = torch.full((2, 8, 8), -1)
+    positive[:, 2:5, 2:5] = 1
+    negative = torch.full((2, 8, 8), -1)
+    negative[:, 6:] = 1
+    totals = {}
+    for weight in (0.0, 2.5):
+        config = load_preset("refineseg").replace(transition_heads="none", smoothness_weight=weight,
+                                                  smoothness_sigma=0.3, **settings)
+        loop = refineseg.RefinesegTraining(images, drawings, config, seed=0, device="cpu")
+        totals[weight] = loop.loss_terms((logits, []), [positive, negative], batch)
+    assert "smoothness" not in totals[0.0]
+    expected = edge_aware_smoothness(torch.softmax(logits, 1), batch, sigma=0.3)
+    assert torch.allclose(totals[2.5]["smoothness"], expected)
+    assert torch.allclose(totals[2.5]["total"], totals[0.0]["total"] + 2.5 * expected)
+    with pytest.raises(ValueError, match="smoothness"):
+        load_preset("refineseg").replace(smoothness_sigma=0).validate()

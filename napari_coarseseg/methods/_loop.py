@@ -126,8 +126,8 @@ class TrainingLoop:
         """The modules' outputs on a batch (runs under the device's autocast)."""
         return self.network(images)
 
-    def loss_terms(self, outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The loss terms of a batch; ``"total"`` is the one minimised."""
+    def loss_terms(self, outputs, targets: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of a batch (``images``: its augmented input); ``"total"`` is the one minimised."""
         raise NotImplementedError
 
     def initial_masks(self) -> list[np.ndarray]:
@@ -209,7 +209,7 @@ class TrainingLoop:
         with autocast(self.device):
             outputs = self.forward(images)
         # The losses take logs of probabilities: methods compute them in float32, outside autocast.
-        terms = self.loss_terms(outputs, targets)
+        terms = self.loss_terms(outputs, targets, images)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.optimizer.step()

@@ -307,7 +307,7 @@ class RecursiveTraining(TrainingLoop):
             parts.append(self.sampler.batch(self.n_strong, planes=self.masks.strong_planes))
         return np.concatenate([images for images, _ in parts]), np.concatenate([t for _, t in parts], axis=1)
 
-    def loss_terms(self, outputs, targets):
+    def loss_terms(self, outputs, targets, images):
         terms = {task: masked_nll(outputs[task], targets[t]) for t, task in enumerate(self.tasks)}
         total = sum(self.weights[task] * terms[task] for task in self.tasks)
         return {"total": total, **terms}

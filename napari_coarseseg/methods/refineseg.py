@@ -40,7 +40,7 @@ from ..annotations import (
 )
 from ..data import TrainingImages
 from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
-from ..losses import refineseg_loss
+from ..losses import edge_aware_smoothness, refineseg_loss
 from ..model_io import Model, ModelFileError
 from ..networks import TransitionHead, UNet
 from ..training import TrainingConfig, resolve_config
@@ -240,16 +240,21 @@ class RefinesegTraining(TrainingLoop):
         logits, features = self.network(images)
         return logits, [head(features) for head in self.modules["heads"]]
 
-    def loss_terms(self, outputs, targets):
+    def loss_terms(self, outputs, targets, images):
         logits, transitions = outputs
         probabilities = torch.softmax(logits.float(), dim=1)
         # Layers without a head (after the headed ones: positives come first) see the identity.
         transitions = [a.float() for a in transitions]
         transitions += self._identity_heads(probabilities, len(targets) - len(transitions))
         n, config = self.n_positive, self.config
-        return refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
-                              list(targets[n:]), config.alpha, config.beta, config.regulariser_weight,
-                              config.regulariser_on)
+        terms = refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
+                               list(targets[n:]), config.alpha, config.beta, config.regulariser_weight,
+                               config.regulariser_on)
+        if config.smoothness_weight:
+            # On p itself, over every pixel of the patch: the drawn ones and the undrawn band around them.
+            terms["smoothness"] = edge_aware_smoothness(probabilities, images, sigma=config.smoothness_sigma)
+            terms["total"] = terms["total"] + config.smoothness_weight * terms["smoothness"]
+        return terms
 
     @staticmethod
     def _identity_heads(probabilities: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
