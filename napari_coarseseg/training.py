@@ -65,10 +65,15 @@ class TrainingConfig:
         k" stroke then always speaks about p itself) or ``"none"`` (every
         head held at the identity, which leaves a partial cross-entropy +
         Dice on the drawn pixels: the no-heads control the heads must beat).
-    smoothness_weight, smoothness_sigma : float
+    prior_strength : float
+        Refineseg: exponent ``tau`` of the class-prior correction at
+        prediction (:func:`~napari_coarseseg.methods.refineseg.adjust_to_prior`;
+        1: the Bayes rule); stored in the model card.
+    smoothness_weight, smoothness_sigma, smoothness_blur : float
         Refineseg: weight of the edge-aware smoothness term on every pixel of
         the patch (:func:`~napari_coarseseg.losses.edge_aware_smoothness`; 0:
-        off) and its intensity scale, in units of the normalised image.
+        off), its intensity scale in units of the normalised image, and the
+        Gaussian blur (px) of the image its pair weights are computed on.
     drawn_fraction : float
         Fraction of patches centred on a drawn pixel.
     jitter : float
@@ -117,8 +122,10 @@ class TrainingConfig:
     diagonal_bias: float = 4.0
     regulariser_on: str = "all pixels"
     transition_heads: str = "all"
+    prior_strength: float = 1.0
     smoothness_weight: float = 0.0
     smoothness_sigma: float = 0.5
+    smoothness_blur: float = 0.0
     drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50
@@ -149,9 +156,11 @@ class TrainingConfig:
             raise ValueError(
                 f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
             )
-        if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0):
-            raise ValueError(f"smoothness_weight must be >= 0 and smoothness_sigma > 0, got "
-                             f"{self.smoothness_weight} and {self.smoothness_sigma}")
+        if not self.prior_strength >= 0:
+            raise ValueError(f"prior_strength must be >= 0, got {self.prior_strength}")
+        if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0 and self.smoothness_blur >= 0):
+            raise ValueError(f"smoothness_weight and smoothness_blur must be >= 0 and smoothness_sigma > 0, got "
+                             f"{self.smoothness_weight}, {self.smoothness_blur} and {self.smoothness_sigma}")
         if not 0 <= self.drawn_fraction <= 1:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
         if not self.prediction_gate >= 0:

@@ -182,6 +182,23 @@ def test_prior_correction_is_the_bayes_reweighting(discs, tiny_model):
     np.testing.assert_array_equal(plain.reliability, corrected.reliability)
 
 
+def test_prior_strength_raises_the_prior_ratio_to_its_power_and_defaults_to_the_card(discs, tiny_model):
+    image, _ = discs
+    prior = tiny_model.card["prior"]
+    ratio = np.array(prior["estimated"]) / np.array(prior["training"])
+    plain = predict(tiny_model, image, device="cpu", prior_correction=False)
+    stronger = predict(tiny_model, image, device="cpu", prior_strength=3.0)
+    expected = plain.probabilities * (ratio**3)[:, None, None]
+    expected /= expected.sum(0, keepdims=True)
+    np.testing.assert_allclose(stronger.probabilities, expected, atol=1e-5)
+    # A card that records strength 3 predicts the same without being told.
+    card = {**tiny_model.card, "prior": {**prior, "strength": 3.0}}
+    from_card = predict(type(tiny_model)(tiny_model.network, tiny_model.heads, card), image, device="cpu")
+    np.testing.assert_allclose(from_card.probabilities, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="prior strength"):
+        adjust_to_prior(plain.probabilities, prior["estimated"], prior["training"], strength=-1)
+
+
 def test_reliability_is_off_diagonal_mass_of_the_heads(discs):
     image, _ = discs
     model = pointwise_model(n_classes=1, n_heads=1)

@@ -18,6 +18,7 @@ from napari_coarseseg.losses import (
     EPS,
     coarse_distribution,
     edge_aware_smoothness,
+    gaussian_blur,
     masked_cross_entropy,
     masked_dice_loss,
     negative_loss,
@@ -372,3 +373,13 @@ def test_edge_aware_smoothness_pulls_an_undrawn_pixel_towards_its_like_neighbour
     assert torch.all(logits.grad[..., 3:] == 0)
     with pytest.raises(ValueError, match="radius"):
         edge_aware_smoothness(torch.softmax(logits, 1), image, radius=0)
+
+
+def test_gaussian_blur_matches_scipy():
+    from scipy import ndimage as ndi
+
+    images = torch.randn(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    expected = np.stack([[ndi.gaussian_filter(c, 1.5, mode="mirror", truncate=3.0) for c in im]
+                         for im in images.numpy()])
+    np.testing.assert_allclose(gaussian_blur(images, 1.5).numpy(), expected, atol=1e-5)
+    assert gaussian_blur(images, 0) is images

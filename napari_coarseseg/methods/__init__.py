@@ -133,8 +133,9 @@ def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, over
         mirror images of every tile (four times the prediction time).
     **options
         Options of the model's method: ``prior_correction`` (refineseg,
-        default True), ``epsilon`` and ``gate`` (recursive; default from the
-        card).
+        default True) and ``prior_strength`` (refineseg, default from the
+        card), ``epsilon``, ``gate`` and ``seed_level`` (recursive; default
+        from the card).
 
     Returns
     -------

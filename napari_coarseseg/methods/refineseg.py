@@ -163,19 +163,32 @@ class RefinesegDrawings:
         return self.images.masks_per_image(merged)
 
 
-def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior) -> np.ndarray:
+def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior, strength: float = 1.0) -> np.ndarray:
     """Re-weight class probabilities from the training prior to ``class_prior``.
 
-    ``p'(y|x) = p(y|x) * class_prior[y] / training_prior[y]``, renormalised
-    over the class axis (axis 0). This is the Bayes rule for a change of class
-    prior (logit adjustment).
+    ``p'(y|x) = p(y|x) * (class_prior[y] / training_prior[y]) ** tau``,
+    renormalised over the class axis (axis 0), ``tau = strength``. With
+    ``tau = 1`` this is the Bayes rule for a change of class prior; ``tau >
+    1`` is the tuned logit adjustment of long-tail learning [3]_
+    (``log p' = log p + tau log(prior ratio)``), for a network whose
+    posteriors are over-confident where nothing was drawn, so that the
+    prior estimated from them is itself short of the true one.
+
+    References
+    ----------
+    .. [3] A. K. Menon, S. Jayasumana, A. S. Rawat, H. Jain, A. Veit,
+       S. Kumar, "Long-tail learning via logit adjustment", ICLR 2021.
 
     Examples
     --------
     >>> adjust_to_prior(np.array([[0.5], [0.5]]), [0.8, 0.2], [0.5, 0.5])[:, 0]
     array([0.8, 0.2])
+    >>> adjust_to_prior(np.array([[0.5], [0.5]]), [0.8, 0.2], [0.5, 0.5], strength=2)[:, 0]
+    array([0.94117647, 0.05882353])
     """
-    ratio = np.asarray(class_prior, dtype=np.float64) / np.asarray(training_prior, dtype=np.float64)
+    if not strength >= 0:
+        raise ValueError(f"the prior strength must be >= 0, got {strength}")
+    ratio = (np.asarray(class_prior, dtype=np.float64) / np.asarray(training_prior, dtype=np.float64)) ** strength
     shape = (-1,) + (1,) * (probabilities.ndim - 1)
     adjusted = probabilities * ratio.reshape(shape).astype(np.float32)
     return adjusted / np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
@@ -252,7 +265,8 @@ class RefinesegTraining(TrainingLoop):
                                config.regulariser_on)
         if config.smoothness_weight:
             # On p itself, over every pixel of the patch: the drawn ones and the undrawn band around them.
-            terms["smoothness"] = edge_aware_smoothness(probabilities, images, sigma=config.smoothness_sigma)
+            terms["smoothness"] = edge_aware_smoothness(probabilities, images, sigma=config.smoothness_sigma,
+                                                         blur=config.smoothness_blur)
             terms["total"] = terms["total"] + config.smoothness_weight * terms["smoothness"]
         return terms
 
@@ -277,7 +291,8 @@ class RefinesegTraining(TrainingLoop):
         probabilities = self.preview()
         self.estimated_prior = estimate_class_prior(probabilities, self.training_prior)
         return self.images.masks_per_image([
-            adjust_to_prior(p, self.estimated_prior, self.training_prior).argmax(0).astype(np.uint8)
+            adjust_to_prior(p, self.estimated_prior, self.training_prior, self.config.prior_strength).argmax(0)
+            .astype(np.uint8)
             for p in probabilities
         ])
 
@@ -286,7 +301,8 @@ class RefinesegTraining(TrainingLoop):
         network = {"kind": "unet", "base_channels": config.base_channels, "depth": config.depth,
                    "n_heads": len(self.modules["heads"])}
         extra = {"heads": self.drawings.positive_names + self.drawings.negative_names,
-                 "prior": {"training": self.training_prior.tolist(), "estimated": self.estimated_prior.tolist()}}
+                 "prior": {"training": self.training_prior.tolist(), "estimated": self.estimated_prior.tolist(),
+                           "strength": config.prior_strength}}
         return network, extra, {"steps": config.steps}
 
 
@@ -365,14 +381,17 @@ def _maps_with_reliability(heads: nn.ModuleList):
 
 def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
-                      flips: bool = False, prior_correction: bool = True) -> Prediction:
+                      flips: bool = False, prior_correction: bool = True,
+                      prior_strength: float | None = None) -> Prediction:
     """Segment an image with a refineseg model: argmax of the prior-corrected probabilities.
 
     ``prior_correction`` moves the probabilities from the class prior the
     loss implies (each drawing layer weighs the same) to the class
     frequencies estimated on the training images (stored in the card);
-    ``False`` gives the plain argmax of p(y|x). The other parameters are
-    those of :func:`napari_coarseseg.predict`.
+    ``False`` gives the plain argmax of p(y|x). ``prior_strength`` is the
+    exponent of that correction (:func:`adjust_to_prior`; default the
+    card's, 1 for cards without one). The other parameters are those of
+    :func:`napari_coarseseg.predict`.
 
     Returns
     -------
@@ -381,12 +400,16 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
     """
     image, device, planes = start_prediction(model, image, device, name)
     n_labels, prior = model.n_classes + 1, model.card.get("prior")
+    if prior_strength is None:
+        # Cards written before the strength was a setting used the Bayes rule (1).
+        prior_strength = float((prior or {}).get("strength", 1.0))
     labels, probabilities, reliability = [], [], []
     for maps in iter_predict_planes(model.network, planes, device, _maps_with_reliability(model.heads), tile_size,
                                     overlap, batch_size, flips):
         plane_probabilities = maps[:n_labels]
         if prior_correction and prior:
-            plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"])
+            plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"],
+                                                  prior_strength)
         labels.append(plane_probabilities.argmax(0).astype(label_dtype(model.n_classes)))
         if keep_probabilities:
             probabilities.append(plane_probabilities)
