@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     pred.add_argument("--flips", action="store_true",
                       help="test-time augmentation: average over the four mirror images (4x the time)")
+    pred.add_argument("--prior-strength", type=float, metavar="TAU",
+                      help="refineseg models: exponent of the class-prior correction (default the model's, 1); "
+                           "3 helps sparse scribbles whose background strokes stay far from the objects")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled sample image",
@@ -274,6 +277,13 @@ def cmd_predict(args) -> int:
     from .methods import load_model, predict
 
     model = load_model(args.model)
+    options = {}
+    if args.prior_strength is not None:
+        if model.method != "refineseg":
+            raise InputError(f"--prior-strength is for refineseg models; {args.model} is a {model.method} model")
+        if not args.prior_strength >= 0:
+            raise InputError(f"--prior-strength must be >= 0, got {args.prior_strength}")
+        options["prior_strength"] = args.prior_strength
     image_files = resolve_inputs(args.image)
     out = Path(args.out)
     if len(image_files) > 1 or Path(args.image).is_dir():
@@ -293,7 +303,7 @@ def cmd_predict(args) -> int:
         for file, target in tqdm(list(zip(image_files, targets, strict=True)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
             prediction = predict(model, read_tiff(file), device=args.device, name=file.name,
-                                 keep_probabilities=bool(args.probabilities), flips=args.flips)
+                                 keep_probabilities=bool(args.probabilities), flips=args.flips, **options)
             staged.add(target, prediction.labels)
             if args.probabilities:
                 staged.add(_output_path(args.probabilities), prediction.probabilities.astype(np.float32))

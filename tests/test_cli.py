@@ -346,6 +346,23 @@ def test_predict_with_flips_is_the_python_predict_with_flips(data, trained, tmp_
     np.testing.assert_allclose(tifffile.imread(prob), expected, atol=1e-5)
 
 
+def test_predict_with_prior_strength_is_the_python_predict_with_it(data, trained, tmp_path, capsys):
+    """--prior-strength 3 gives predict(..., prior_strength=3); a negative one is one line, nothing written."""
+    image = tifffile.imread(data["image"])
+    pred, prob = tmp_path / "pred.tif", tmp_path / "prob.tif"
+    code, _, err = run(capsys, "predict", trained["model"], data["image"], "--out", pred, "--probabilities", prob,
+                       "--device", "cpu", "--prior-strength", "3")
+    assert code == 0, err
+    expected = predict(load_model(trained["model"]), image, device="cpu", prior_strength=3.0)
+    np.testing.assert_allclose(tifffile.imread(prob), expected.probabilities, atol=1e-5)
+    np.testing.assert_array_equal(tifffile.imread(pred), expected.labels)
+    before = files_under(tmp_path)
+    code, out, err = run(capsys, "predict", trained["model"], data["image"], "--out", tmp_path / "p2.tif",
+                         "--prior-strength", "-1")
+    assert_one_line_error(code, out, err, "predict", "--prior-strength", ">= 0")
+    assert files_under(tmp_path) == before
+
+
 def test_predict_over_a_folder_writes_one_output_per_image(trained, image_folder, tmp_path, capsys):
     out_dir = tmp_path / "predictions"
     out_dir.mkdir()
