@@ -274,13 +274,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import inspect
+
     from .methods import load_model, predict
 
     model = load_model(args.model)
     options = {}
     if args.prior_strength is not None:
-        if model.method != "refineseg":
-            raise InputError(f"--prior-strength is for refineseg models; {args.model} is a {model.method} model")
+        # Only methods whose predict takes a prior strength (refineseg's) accept the flag.
+        if "prior_strength" not in inspect.signature(get_method(model.method).predict).parameters:
+            raise InputError(f"--prior-strength is not an option of {model.method} models ({args.model}); "
+                             "leave it out")
         if not args.prior_strength >= 0:
             raise InputError(f"--prior-strength must be >= 0, got {args.prior_strength}")
         options["prior_strength"] = args.prior_strength
