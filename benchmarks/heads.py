@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realdata import drawings_of, load_dataset  # noqa: E402
 
 from napari_coarseseg import load_preset, run_to_end, train_refineseg  # noqa: E402
-from napari_coarseseg.data import normalize, to_planes  # noqa: E402
+from napari_coarseseg.data import iter_normalized_planes  # noqa: E402
 from napari_coarseseg.inference import predict_planes  # noqa: E402
 
 from report import write_results  # noqa: E402
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     heads = model.heads.eval()
     rows = {}
     for i, image in enumerate(images):
-        (plane,) = to_planes(normalize(image), False)
-        (maps,) = predict_planes(network, [plane], torch.device("cpu"), head_maps(heads))
+        (maps,) = predict_planes(network, list(iter_normalized_planes(image)), torch.device("cpu"),
+                                 head_maps(heads))
         for name, where in groups(positive[0][i], data.labels["train"][i]).items():
             row = rows.setdefault(name, {"pixels": 0, "p_object": 0.0, "A10": 0.0, "A01": 0.0})
             row["pixels"] += int(where.sum())

@@ -71,6 +71,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from napari_coarseseg import load_preset, predict, run_to_end, simulate, train_recursive, train_refineseg  # noqa: E402
+from napari_coarseseg.methods.refineseg import adjust_to_prior  # noqa: E402
 from napari_coarseseg.metrics import (  # noqa: E402
     dice,
     instances_of,
@@ -233,12 +234,22 @@ def run_network(method: str, data: Dataset, positive, negative, seed: int, overr
                            lambda e: evolution.append((e.elapsed, e.masks)) if e.masks is not None and e.step else None)
         seconds = time.perf_counter() - start
         CONVERGENCE[method] = seconds_to_final(evolution, data.labels["train"])
-        return {"": lambda image: predict(model, image, device=device).labels,
-                ", prior off": lambda image: predict(model, image, device=device, prior_correction=False).labels,
+        # The prior-corrected variants differ only after the network: one forward pass per image serves them all.
+        uncorrected, prior = {}, model.card["prior"]
+
+        def probabilities(image):
+            if id(image) not in uncorrected:
+                uncorrected[id(image)] = predict(model, image, device=device, prior_correction=False).probabilities
+            return uncorrected[id(image)]
+
+        def with_strength(tau):
+            return lambda image: adjust_to_prior(probabilities(image), prior["estimated"], prior["training"],
+                                                 tau).argmax(0)
+
+        return {"": with_strength(model.card["prior"].get("strength", 1.0)),
+                ", prior off": lambda image: probabilities(image).argmax(0),
                 ", flips": lambda image: predict(model, image, device=device, flips=True).labels,
-                **{f", prior strength {tau}": (lambda image, tau=tau: predict(model, image, device=device,
-                                                                             prior_strength=tau).labels)
-                   for tau in PRIOR_STRENGTHS}}, seconds
+                **{f", prior strength {tau}": with_strength(tau) for tau in PRIOR_STRENGTHS}}, seconds
     if method == "naive (b)":
         masks = [drawn_positive(positive, i) for i in range(len(images))]
     elif method == "full (d)":
