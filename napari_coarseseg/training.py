@@ -65,10 +65,13 @@ class TrainingConfig:
         k" stroke then always speaks about p itself) or ``"none"`` (every
         head held at the identity, which leaves a partial cross-entropy +
         Dice on the drawn pixels: the no-heads control the heads must beat).
-    prior_strength : float
+    prior_strength : float or "auto"
         Refineseg: exponent ``tau`` of the class-prior correction at
         prediction (:func:`~napari_coarseseg.methods.refineseg.adjust_to_prior`;
-        1: the Bayes rule); stored in the model card.
+        1: the Bayes rule); ``"auto"`` sets it from the width of the undrawn
+        band between object and background strokes
+        (:func:`~napari_coarseseg.methods.refineseg.prior_strength_for_gap`).
+        The number used is stored in the model card.
     smoothness_weight, smoothness_sigma, smoothness_blur : float
         Refineseg: weight of the edge-aware smoothness term on every pixel of
         the patch (:func:`~napari_coarseseg.losses.edge_aware_smoothness`; 0:
@@ -122,7 +125,7 @@ class TrainingConfig:
     diagonal_bias: float = 4.0
     regulariser_on: str = "all pixels"
     transition_heads: str = "all"
-    prior_strength: float = 1.0
+    prior_strength: float | str = "auto"
     smoothness_weight: float = 0.0
     smoothness_sigma: float = 0.5
     smoothness_blur: float = 0.0
@@ -156,8 +159,9 @@ class TrainingConfig:
             raise ValueError(
                 f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
             )
-        if not self.prior_strength >= 0:
-            raise ValueError(f"prior_strength must be >= 0, got {self.prior_strength}")
+        if self.prior_strength != "auto" and not (isinstance(self.prior_strength, (int, float))
+                                                  and self.prior_strength >= 0):
+            raise ValueError(f"prior_strength must be 'auto' or a number >= 0, got {self.prior_strength!r}")
         if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0 and self.smoothness_blur >= 0):
             raise ValueError(f"smoothness_weight and smoothness_blur must be >= 0 and smoothness_sigma > 0, got "
                              f"{self.smoothness_weight}, {self.smoothness_blur} and {self.smoothness_sigma}")

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from napari_coarseseg import AnnotationError, predict
+from napari_coarseseg.data import TrainingImages
 from napari_coarseseg.inference import blend_window, tile_starts
-from napari_coarseseg.methods.refineseg import adjust_to_prior
+from napari_coarseseg.methods.refineseg import RefinesegDrawings, adjust_to_prior, prior_strength_for_gap
 from napari_coarseseg.model_io import Model, make_card
 from napari_coarseseg.networks import TransitionHead
+from napari_coarseseg.training import TrainingConfig
 
 WHOLE = dict(tile_size=512, overlap=16)  # one tile covers the image
 
@@ -197,6 +199,39 @@ def test_prior_strength_raises_the_prior_ratio_to_its_power_and_defaults_to_the_
     np.testing.assert_allclose(from_card.probabilities, expected, atol=1e-5)
     with pytest.raises(ValueError, match="prior strength"):
         adjust_to_prior(plain.probabilities, prior["estimated"], prior["training"], strength=-1)
+
+
+def test_annotation_gap_is_the_median_distance_from_object_strokes_to_background_strokes():
+    """Object strokes 10, 11, 12 px (by hand) from a negative stroke; a background layer's marks count too."""
+    image = np.zeros((5, 40), np.float32)
+    positive, negative, background = (np.zeros((5, 40), np.uint8) for _ in range(3))
+    positive[2, 20:23] = 1
+    negative[2, 10] = 1
+    images = TrainingImages(image, False, None)
+    assert RefinesegDrawings(images, [positive], [negative]).annotation_gap() == 11.0
+    background[2, 25] = 1  # now 5, 4, 3 px from a background mark
+    assert RefinesegDrawings(images, [positive], [negative], [background]).annotation_gap() == 4.0
+    # Another class's strokes are object strokes, not background: with no background stroke at all, None.
+    two_classes = positive + 2 * background
+    assert RefinesegDrawings(images, [two_classes], n_classes=2).annotation_gap() is None
+
+
+def test_auto_prior_strength_grows_one_step_per_eight_px_of_undrawn_band_from_fifteen_up_to_four():
+    gaps = (None, 0, 15, 18.9, 19.1, 27, 35, 43, 100)
+    assert [prior_strength_for_gap(g) for g in gaps] == [1, 1, 1, 1, 2, 3, 4, 4, 4]
+    with pytest.raises(ValueError, match="gap"):
+        prior_strength_for_gap(-1)
+    with pytest.raises(ValueError, match="prior_strength"):
+        TrainingConfig(prior_strength="strong").validate()
+
+
+def test_the_card_records_the_strength_the_auto_rule_gave_and_predict_uses_it(discs, tiny_model):
+    """The disc drawings' band (eroded discs, background 3 px beyond) is narrow: the Bayes rule, tau 1."""
+    image, _ = discs
+    prior = tiny_model.card["prior"]
+    assert 0 < prior["annotation_gap"] < 15 and prior["strength"] == 1
+    fixed = predict(tiny_model, image, device="cpu", prior_strength=1.0)
+    np.testing.assert_allclose(predict(tiny_model, image, device="cpu").probabilities, fixed.probabilities)
 
 
 def test_reliability_is_off_diagonal_mass_of_the_heads(discs):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from ..annotations import (
@@ -48,7 +49,16 @@ from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method
 
 __all__ = ["train_refineseg", "predict_refineseg", "RefinesegDrawings", "RefinesegTraining", "adjust_to_prior",
-           "estimate_class_prior", "REFINESEG"]
+           "estimate_class_prior", "prior_strength_for_gap", "REFINESEG"]
+
+# The automatic prior strength (``prior_strength="auto"``, :func:`prior_strength_for_gap`): drawings whose
+# object strokes lie within GAP_FREE px of background strokes keep the Bayes rule (tau = 1); every further
+# GAP_PER_STEP px of undrawn band raise tau by one, up to STRENGTH_MAX. Chosen on the validation splits of
+# benchmarks/realdata.py (gaps: EM scribbles 15, DSB scribbles 32-41, the demo's eroded drawings 9): tau 1 is
+# best on EM, tau 3-6 on the nuclei, and tau 8 wipes out a nucleus validation set.
+GAP_FREE = 15.0
+GAP_PER_STEP = 8.0
+STRENGTH_MAX = 4
 
 
 def _layers(value) -> list:
@@ -149,6 +159,26 @@ class RefinesegDrawings:
         prior = np.clip(prior, 1e-3, None)
         return prior / prior.sum()
 
+    def annotation_gap(self) -> float | None:
+        """Median distance (px) from an object stroke to the nearest stroke that says "background here".
+
+        Object strokes: pixels a positive layer marks with a class k > 0.
+        Background strokes: every pixel of a background layer or of a
+        negative layer. The median is over the
+        object-stroke pixels of the planes that hold both; ``None`` where no
+        plane does. It measures the undrawn band the network has to place
+        the boundary in (:func:`prior_strength_for_gap`).
+        """
+        distances = []
+        for plane in range(len(self.images.planes)):
+            objects = np.any([s[plane] > 0 for s in self.positive_targets], axis=0)
+            background = np.any([s[plane] == 0 for s in self.positive_targets]
+                                + [s[plane] >= 0 for s in self.negative_targets], axis=0)
+            if objects.any() and background.any():
+                # One Euclidean distance transform per plane: the distance of every pixel to background strokes.
+                distances.append(distance_transform_edt(~background)[objects])
+        return float(np.median(np.concatenate(distances))) if distances else None
+
     def drawn_masks(self) -> list[np.ndarray]:
         """The positive drawings as a label mask per image (iteration 0 of the evolution).
 
@@ -194,6 +224,31 @@ def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior, stre
     return adjusted / np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
 
 
+def prior_strength_for_gap(gap: float | None) -> int:
+    """The prior strength ``tau`` for drawings with an undrawn band of ``gap`` px (``prior_strength="auto"``).
+
+    ``tau = clip(round(1 + (gap - GAP_FREE) / GAP_PER_STEP), 1, STRENGTH_MAX)``:
+    with background strokes drawn close to the objects the Bayes rule
+    (``tau = 1``) is right; the wider the band between object and background
+    strokes that no stroke covers, the more the network calls that band
+    object (a halo around every object), and the stronger the correction it
+    needs. Whole steps, the grid the constants were validated on
+    (``benchmarks/realdata.py``). ``None`` (no plane with both kinds of
+    strokes) gives 1.
+
+    Examples
+    --------
+    >>> prior_strength_for_gap(9.4), prior_strength_for_gap(32.0), prior_strength_for_gap(60.0)
+    (1, 3, 4)
+    """
+    if gap is None:
+        return 1
+    if not gap >= 0:
+        raise ValueError(f"the annotation gap must be >= 0 px, got {gap}")
+    # floor(x + 0.5): halves round up (np.round would send 2.5 to 2).
+    return int(np.clip(np.floor(1.5 + (gap - GAP_FREE) / GAP_PER_STEP), 1, STRENGTH_MAX))
+
+
 def estimate_class_prior(probabilities, training_prior, iterations: int = 200, tol: float = 1e-6) -> np.ndarray:
     """Class frequencies of images, by EM on a classifier's posteriors [2]_.
 
@@ -236,6 +291,9 @@ class RefinesegTraining(TrainingLoop):
         self.n_positive = len(drawings.positive_targets)
         super().__init__(images, config, seed, device, checkpoint)
         self.training_prior = self.estimated_prior = drawings.training_prior()
+        self.annotation_gap = drawings.annotation_gap()
+        self.prior_strength = (prior_strength_for_gap(self.annotation_gap) if config.prior_strength == "auto"
+                               else float(config.prior_strength))
 
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
@@ -291,7 +349,7 @@ class RefinesegTraining(TrainingLoop):
         probabilities = self.preview()
         self.estimated_prior = estimate_class_prior(probabilities, self.training_prior)
         return self.images.masks_per_image([
-            adjust_to_prior(p, self.estimated_prior, self.training_prior, self.config.prior_strength).argmax(0)
+            adjust_to_prior(p, self.estimated_prior, self.training_prior, self.prior_strength).argmax(0)
             .astype(np.uint8)
             for p in probabilities
         ])
@@ -302,7 +360,7 @@ class RefinesegTraining(TrainingLoop):
                    "n_heads": len(self.modules["heads"])}
         extra = {"heads": self.drawings.positive_names + self.drawings.negative_names,
                  "prior": {"training": self.training_prior.tolist(), "estimated": self.estimated_prior.tolist(),
-                           "strength": config.prior_strength}}
+                           "strength": self.prior_strength, "annotation_gap": self.annotation_gap}}
         return network, extra, {"steps": config.steps}
 
 
