@@ -47,6 +47,7 @@ BENCHMARKS = {
     "realdata": ("realdata.py", ["run"], "Real data with hand-like drawings"),
     "heads": ("heads.py", [], "What the transition heads learn from a biased annotator"),
     "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
+    "live": ("live.py", [], "Live sessions"),
 }
 
 

@@ -2,8 +2,8 @@
 
 The core (this package minus ``_viewer`` and ``_widgets``) imports neither Qt
 nor napari, so it runs headless from Python and from the ``coarseseg``
-command. ``train_in_viewer`` and ``predict_in_viewer`` import napari on first
-use.
+command. ``train_in_viewer``, ``predict_in_viewer`` and ``live_in_viewer``
+import napari on first use.
 """
 
 from ._version import __version__
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _VIEWER_FUNCTIONS = ("train_in_viewer", "predict_in_viewer")
+_LIVE_FUNCTIONS = ("live_in_viewer",)
 
 
 def __getattr__(name):
@@ -59,4 +60,8 @@ def __getattr__(name):
         from . import _viewer
 
         return getattr(_viewer, name)
+    if name in _LIVE_FUNCTIONS:
+        from . import _live_viewer
+
+        return getattr(_live_viewer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ user's layers are read once (copied) when a run starts and never written.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,19 @@ from .methods import DEFAULT_METHOD, check_roles, drawing_roles, get_method, loa
 from .model_io import Model, ModelFileError
 
 __all__ = ["train_in_viewer", "predict_in_viewer", "evolution_layer_name", "prediction_layer_name"]
+
+
+def _import_torch_compiler():
+    # torch builds its first optimiser only after importing torch._dynamo (2-3 s, once per process). Done by a
+    # training worker, that import holds the GIL for up to half a second at a time and freezes the viewer
+    # mid-run; done here, in the background when the plugin loads, it is over before anyone presses Start.
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # an optional speed-up: training imports it anyway
+        pass
+
+
+threading.Thread(target=_import_torch_compiler, name="coarseseg-import-torch", daemon=True).start()
 
 
 def evolution_layer_name(image_name: str) -> str:
@@ -135,25 +149,14 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
     ``"<image> annotation reliability"``. Existing layers of those names are
     replaced; user layers are never written.
     """
-    roles = set(drawing_roles())
-    named = {role: _names(value) for role, value in layers_and_settings.items() if role in roles}
-    settings = {key: value for key, value in layers_and_settings.items() if key not in roles}
-    settings.update({key: value for key, value in (("steps", steps), ("iterations", iterations)) if value is not None})
+    lengths = {key: value for key, value in (("steps", steps), ("iterations", iterations)) if value is not None}
     try:
-        chosen = get_method(method)
-        image_layer = _image_layer(viewer, image)
-        image_data = _layer_data(viewer, image_layer, "image", role="image")
-        rgb = bool(getattr(image_layer, "rgb", False))
-        shape = spatial_shape(image_data, rgb)
-        name = image_layer.name
-        given = {role: names for role, names in named.items() if names}
-        check_roles(chosen, given)
-        if not given:
-            raise ViewerInputError(f"no drawing layer given: pick at least one "
-                                   f"{' or '.join(chosen.role_names)} layer.")
+        chosen, image_layer, image_data, rgb, given, settings = training_inputs(viewer, image, method,
+                                                                                layers_and_settings)
+        name, shape = image_layer.name, spatial_shape(image_data, rgb)
         layers = {role: [_layer_data(viewer, n, "labels", shape, role) for n in names] for role, names in given.items()}
         generator = chosen.start(image_data, layers, config=preset, seed=seed, device=device, rgb=rgb, names=[name],
-                                 **settings)
+                                 **settings, **lengths)
     except (ViewerInputError, AnnotationError, ValueError, KeyError) as error:
         show_error(f"Cannot train: {error}")
         return None
@@ -168,6 +171,24 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
     if start:
         worker.start()
     return worker
+
+
+def training_inputs(viewer, image, method: str, layers_and_settings: dict):
+    """The method, image layer, its private copy, whether it is RGB, the drawing layers given per role (names or
+    layers; at least one) and the other keywords (settings) of a training call; ``ViewerInputError`` (or the
+    method's errors) say what is wrong."""
+    roles = set(drawing_roles())
+    named = {role: _names(value) for role, value in layers_and_settings.items() if role in roles}
+    settings = {key: value for key, value in layers_and_settings.items() if key not in roles}
+    chosen = get_method(method)
+    image_layer = _image_layer(viewer, image)
+    image_data = _layer_data(viewer, image_layer, "image", role="image")
+    rgb = bool(getattr(image_layer, "rgb", False))
+    given = {role: names for role, names in named.items() if names}
+    check_roles(chosen, given)
+    if not given:
+        raise ViewerInputError(f"no drawing layer given: pick at least one {' or '.join(chosen.role_names)} layer.")
+    return chosen, image_layer, image_data, rgb, given, settings
 
 
 def _training_worker(viewer, work, name: str, shape: tuple, on_event):
@@ -187,10 +208,14 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event):
         if result is None:
             return
         model, prediction = result
-        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels")
+        selection = keep_selection(viewer)
+        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels", opacity=0.5)
+        selection()
         if prediction.reliability is not None:
-            _replace_layer(viewer, reliability_layer_name(name), prediction.reliability, "image",
-                           colormap="magma", opacity=0.6, visible=False)
+            # Below the prediction and hidden: a map to turn on, not a field that hides the image. Added in the
+            # next turn of the event loop: each new layer costs the GUI 0.1-0.5 s, and two at once stall it.
+            later(lambda: add_below(viewer, reliability_layer_name(name), prediction.reliability,
+                                    prediction_layer_name(name), colormap="magma", opacity=0.6, visible=False))
         worker.model = model
         show_info(f"Training done: {model.card['training']['seconds']:.0f} s on "
                   f"{model.card['training']['device']}.")
@@ -209,6 +234,36 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event):
     worker.returned.connect(on_returned)
     worker.errored.connect(on_errored)
     return worker
+
+
+def later(function) -> None:
+    """Run ``function`` in a later turn of the Qt event loop (so that two slow GUI updates do not add up)."""
+    from qtpy.QtCore import QTimer
+
+    QTimer.singleShot(0, function)
+
+
+def keep_selection(viewer):
+    """Remember the user's layer selection; the returned function restores it (adding a layer selects it)."""
+    selection, active = set(viewer.layers.selection), viewer.layers.selection.active
+
+    def restore():
+        viewer.layers.selection.clear()
+        viewer.layers.selection.update(selection & set(viewer.layers))
+        viewer.layers.selection.active = active if active in viewer.layers else None
+
+    return restore
+
+
+def add_below(viewer, name: str, data, above: str, **kwargs):
+    """Add or replace the image layer ``name`` just below the layer ``above``, keeping the user's selection."""
+    restore = keep_selection(viewer)
+    layer = _replace_layer(viewer, name, data, "image", **kwargs)
+    layers = viewer.layers
+    if above in layers and layers.index(layer) > layers.index(above):
+        layers.move(layers.index(layer), layers.index(above))
+    restore()
+    return layer
 
 
 def _replace_layer(viewer, name: str, data, kind: str, **kwargs):

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._live_viewer import live_in_viewer
 from ._viewer import is_kind, predict_in_viewer, train_in_viewer
 from .annotations import ROLE_KEY, Role, simulate, spatial_shape
 from .checkpoint import checkpoint_step
@@ -88,6 +89,10 @@ class LayerChoice(QComboBox):
         return None if not text or text == NONE else text
 
 
+#: The viewer's key for the Train widget's Live button.
+LIVE_SHORTCUT = "Shift-L"
+
+
 class TrainWidget(QWidget):
     """Method, preset, layers, steps, device; Start becomes Cancel; progress, loss readout, save.
 
@@ -123,6 +128,11 @@ class TrainWidget(QWidget):
         self.resume_button = QPushButton("Resume")
         self.resume_button.setToolTip("Continue the last run on this image and method from its checkpoint "
                                       "(written every few steps), e.g. after napari or the computer stopped.")
+        self.live_button = QPushButton("Live")
+        self.live_button.setCheckable(True)
+        self.live_button.setToolTip(f"Train while you paint (shortcut {LIVE_SHORTCUT}): the network takes in new "
+                                    "strokes every few steps and the prediction follows; press again to stop.")
+        self.live = None  # the running LiveSession
         self.save_button = QPushButton("Save model...")
         self.save_button.setEnabled(False)
         self.status = QLabel("")
@@ -146,6 +156,7 @@ class TrainWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.resume_button)
+        buttons.addWidget(self.live_button)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.save_button)
@@ -156,6 +167,8 @@ class TrainWidget(QWidget):
         self.device.currentTextChanged.connect(lambda choice: self.device_found.setText(describe_device_choice(choice)))
         self.start_button.clicked.connect(self._start_or_cancel)
         self.resume_button.clicked.connect(lambda: self.start(resume=True))
+        self.live_button.clicked.connect(lambda checked: self.start_live() if checked else self.stop_live())
+        napari_viewer.bind_key(LIVE_SHORTCUT, lambda viewer: self.toggle_live(), overwrite=True)
         self.image.currentTextChanged.connect(self._update_resume)
         self.save_button.clicked.connect(self._save)
         napari_viewer.layers.events.inserted.connect(self._follow_roles)
@@ -171,6 +184,7 @@ class TrainWidget(QWidget):
             label.setVisible(visible)
             choice.setVisible(visible)
         self.iterations.setEnabled("iterations" in method.length)
+        self.live_button.setEnabled(method.loop is not None)
         self.preset.blockSignals(True)
         self.preset.clear()
         self.preset.addItems(list_presets(name))
@@ -265,6 +279,52 @@ class TrainWidget(QWidget):
         self.status.setText("starting...")
         worker.start()
         return worker
+
+    def toggle_live(self):
+        """Start a live session, or stop the running one (the Live button and its shortcut)."""
+        return self.stop_live() if self.live is not None else self.start_live()
+
+    def start_live(self):
+        """Train live on the form's layers (:func:`~napari_coarseseg._live_viewer.live_in_viewer`)."""
+        method = METHODS[self.method.currentText()]
+        if self.running:
+            show_error("A training run is going on: cancel it before going live.")
+            self.live_button.setChecked(False)
+            return None
+        layers = {role: name for role in method.role_names if (name := self.roles[role].value())}
+        session = live_in_viewer(self.viewer, self.image.value() or "", method=method.name, **layers,
+                                 preset=self.preset.currentText() or method.preset,
+                                 device=self.device.currentText(), on_event=self._on_live_event)
+        self.live = session
+        self.live_button.setChecked(session is not None)
+        self.start_button.setEnabled(session is None)
+        if session is not None:
+            self.save_button.setEnabled(False)
+            self.status.setText("live: starting...")
+        return session
+
+    def stop_live(self):
+        """Stop the live session (within 5 s); its model can then be saved."""
+        session, self.live = self.live, None
+        self.live_button.setChecked(False)
+        self.start_button.setEnabled(True)
+        if session is None:
+            return None
+        if session.stop(timeout=5) and session.training is not None:
+            self.model = session.model()
+            self.save_button.setEnabled(True)
+            self.status.setText(f"live session stopped after {self.model.card['training']['steps']} steps; "
+                                "save its model or go live again.")
+        return session
+
+    def _on_live_event(self, event):
+        if self.live is None:
+            return
+        losses = ", ".join(f"{name} {value:.3f}" for name, value in event.losses.items())
+        previews = self.live.previews
+        lines = [f"live: step {event.step}, {event.elapsed:.0f} s, {previews} previews, drawings taken in "
+                 f"{event.drawings_version} times", f"loss: {losses}" if losses else "", event.message]
+        self.status.setText("\n".join(line for line in lines if line))
 
     def cancel(self):
         if self.worker is not None:

@@ -12,6 +12,7 @@ outputs are written only when everything succeeded.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from ._version import __version__
 from .annotations import AnnotationError
 from .io import InputError, StagedWrites, match_by_name, read_tiff, resolve_inputs, write_all
-from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method
+from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method, load_model
 from .model_io import ModelFileError
 
 #: Exceptions that mean "the user's input is wrong": reported in one line.
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="write MODEL.checkpoint every N steps (default from the preset: 50); a killed run "
                             "loses at most N steps; the file is removed once the model is written")
+    train.add_argument("--init", metavar="MODEL",
+                       help="start from the weights of this model (a file or a shipped model's name) of the same "
+                            "method, classes and channels, instead of at random")
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from MODEL.checkpoint (same inputs and options); "
                             "--evolution then holds the planes from the resumed part on")
@@ -227,6 +231,20 @@ def checkpoint_path(model_path) -> Path:
     return model_path.with_name(model_path.name + ".checkpoint")
 
 
+def _initial_model(path, method):
+    """The model ``--init`` names, checked against the method before any training."""
+    try:
+        model = load_model(path, device="cpu")
+    except (ModelFileError, OSError) as error:
+        raise InputError(f"--init: {error}") from error
+    if model.method != method.name:
+        raise InputError(f"--init: {path} is a {model.method} model; this run trains {method.name} "
+                         f"(pick a {method.name} model or --method {model.method})")
+    if "init" not in inspect.signature(method.train).parameters:
+        raise InputError(f"--init: the {method.name} method cannot start from a model; leave --init out")
+    return model
+
+
 def cmd_train(args) -> int:
     from .model_io import save_model
     from .training import load_preset, run_to_end
@@ -239,6 +257,7 @@ def cmd_train(args) -> int:
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
     image_files, images, layers = _load_training_set(args)
+    init = _initial_model(args.init, method) if args.init else None
     if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
         raise InputError("--evolution needs a folder when training on a folder of images")
 
@@ -254,7 +273,8 @@ def cmd_train(args) -> int:
     try:
         training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
                                 device=args.device, names=[p.name for p in image_files],
-                                checkpoint=checkpoint_path(out), resume=args.resume)
+                                checkpoint=checkpoint_path(out), resume=args.resume,
+                                **({"init": init} if init is not None else {}))
         model = run_to_end(training, collect)
     finally:
         progress.close()
@@ -274,9 +294,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import inspect
 
-    from .methods import load_model, predict
+    from .methods import predict
 
     model = load_model(args.model)
     options = {}

@@ -278,6 +278,21 @@ class PatchSampler:
         self.drawn_index = np.concatenate(drawn_per_plane)
         sizes = np.array([s[0] * s[1] for s in self.shapes], dtype=np.float64)
         self.plane_weights = sizes / sizes.sum()
+        self.focus_fraction, self.focus_plane, self.focus_index = 0.0, self.drawn_plane[:0], self.drawn_index[:0]
+
+    def focus_on(self, masks, fraction: float) -> None:
+        """Centre ``fraction`` of the drawn-pixel patches on the pixels of ``masks`` (one (Y, X) bool per plane):
+        a live session's new or erased strokes are learned first."""
+        per_plane = [np.flatnonzero(mask) for mask in masks]
+        self.focus_plane = np.concatenate([np.full(f.size, i, dtype=np.int64) for i, f in enumerate(per_plane)])
+        self.focus_index = np.concatenate(per_plane)
+        self.focus_fraction = float(fraction) if self.focus_index.size else 0.0
+
+    def unpadded_targets(self) -> list[list[np.ndarray]]:
+        """The targets as given (the padding cut off again)."""
+        half = self.patch_size // 2
+        return [[t[half:half + shape[0], half:half + shape[1]] for t, shape in zip(strategy, self.shapes, strict=True)]
+                for strategy in self.targets]
 
     def replace_target(self, strategy: int, plane: int, target: np.ndarray) -> None:
         """Swap the target of one strategy on one plane (the recursive method's T2 changes every iteration)."""
@@ -304,11 +319,17 @@ class PatchSampler:
         k = int(on_drawn.sum())
         if k:
             pick = self.rng.integers(0, self.drawn_index.size, size=k)
-            plane = self.drawn_plane[pick]
+            plane, index = self.drawn_plane[pick], self.drawn_index[pick]
+            if self.focus_fraction:
+                # Some of them on the focus pixels instead (no draw from the generator otherwise: seeded runs
+                # without a focus stay as they were).
+                focused = self.rng.random(k) < self.focus_fraction
+                chosen = self.rng.integers(0, self.focus_index.size, size=int(focused.sum()))
+                plane[focused], index[focused] = self.focus_plane[chosen], self.focus_index[chosen]
             widths = np.array([s[1] for s in self.shapes])[plane]
             rows[on_drawn, 0] = plane
-            rows[on_drawn, 1] = self.drawn_index[pick] // widths
-            rows[on_drawn, 2] = self.drawn_index[pick] % widths
+            rows[on_drawn, 1] = index // widths
+            rows[on_drawn, 2] = index % widths
         m = n - k
         if m:
             plane = self.rng.choice(len(self.shapes), size=m, p=self.plane_weights)

@@ -131,11 +131,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def errors(monkeypatch):
     """Messages of the error notifications the viewer functions and widgets show."""
-    from napari_coarseseg import _viewer, _widgets
+    from napari_coarseseg import _live_viewer, _viewer, _widgets
 
     shown = []
     monkeypatch.setattr(_viewer, "show_error", shown.append)
     monkeypatch.setattr(_widgets, "show_error", shown.append)
+    monkeypatch.setattr(_live_viewer, "show_error", shown.append)
+    monkeypatch.setattr(_live_viewer, "show_warning", shown.append)
     return shown
 
 

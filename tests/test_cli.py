@@ -618,3 +618,28 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(command, data, s
     code, stdout, err = run(capsys, *arguments)
     assert_one_line_error(code, stdout, err, command, "No space left on device")
     assert list(out.iterdir()) == []  # neither the outputs nor temporary files nor a checkpoint
+
+
+def test_train_init_starts_from_the_model_and_refuses_another_method_or_a_missing_file(data, simulated, trained,
+                                                                                       tmp_path, capsys):
+    """One step from --init MODEL stays next to MODEL's weights; one step from scratch is far from them."""
+    common = [data["image"], "--positive", simulated / "positive.tif", "--negative", simulated / "negative.tif",
+              "--preset", data["preset"], "--steps", "1", "--device", "cpu", "--quiet"]
+    for name, extra in (("init", ["--init", trained["model"]]), ("scratch", [])):
+        code, _, err = run(capsys, "train", *common, "--out", tmp_path / f"{name}.safetensors", *extra)
+        assert code == 0, err
+    start = dict(load_model(trained["model"]).network.named_parameters())
+
+    def distance(name):  # over the weights (batch-norm statistics move with every batch either way)
+        weights = dict(load_model(tmp_path / f"{name}.safetensors").network.named_parameters())
+        return sum(float((weights[k] - start[k]).norm()) for k in start)
+
+    assert distance("init") < 0.1 * distance("scratch")
+    code, out, err = run(capsys, "train", data["image"], "--method", "recursive", "--partial",
+                         simulated / "partial.tif", "--strong", data["labels"], "--init", trained["model"],
+                         "--out", tmp_path / "r.safetensors",
+                         "--device", "cpu", "--steps", "1", "--iterations", "1")
+    assert_one_line_error(code, out, err, "train", "--init", "refineseg model", "recursive")
+    code, out, err = run(capsys, "train", *common, "--out", tmp_path / "m.safetensors", "--init", tmp_path / "none")
+    assert_one_line_error(code, out, err, "train", "--init")
+    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()

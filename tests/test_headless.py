@@ -18,7 +18,7 @@ import napari_coarseseg
 
 BLOCKED = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt", "vispy", "npe2")
 #: The napari side: the only modules that may import napari and Qt.
-NAPARI_SIDE = ("_viewer", "_widgets")
+NAPARI_SIDE = ("_viewer", "_live_viewer", "_widgets")
 #: Every other module of the package, found on disk (a new module is covered without editing this test).
 MODULES = sorted(info.name.removeprefix("napari_coarseseg.")
                  for info in pkgutil.walk_packages(napari_coarseseg.__path__, "napari_coarseseg."))

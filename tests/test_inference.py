@@ -216,9 +216,9 @@ def test_annotation_gap_is_the_median_distance_from_object_strokes_to_background
     assert RefinesegDrawings(images, [two_classes], n_classes=2).annotation_gap() is None
 
 
-def test_auto_prior_strength_grows_one_step_per_eight_px_of_undrawn_band_from_fifteen_up_to_four():
+def test_auto_prior_strength_grows_one_step_per_eight_px_of_undrawn_band_from_fifteen_up_to_three():
     gaps = (None, 0, 15, 18.9, 19.1, 27, 35, 43, 100)
-    assert [prior_strength_for_gap(g) for g in gaps] == [1, 1, 1, 1, 2, 3, 4, 4, 4]
+    assert [prior_strength_for_gap(g) for g in gaps] == [1, 1, 1, 1, 2, 3, 3, 3, 3]
     with pytest.raises(ValueError, match="gap"):
         prior_strength_for_gap(-1)
     with pytest.raises(ValueError, match="prior_strength"):

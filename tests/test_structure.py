@@ -17,7 +17,7 @@ from napari_coarseseg.methods import METHODS
 
 PACKAGE = "napari_coarseseg"
 ROOT = Path(napari_coarseseg.__file__).parent
-NAPARI_SIDE = {f"{PACKAGE}._viewer", f"{PACKAGE}._widgets"}
+NAPARI_SIDE = {f"{PACKAGE}._viewer", f"{PACKAGE}._live_viewer", f"{PACKAGE}._widgets"}
 MAX_FUNCTION_LINES, MAX_CLASS_LINES = 100, 300
 
 

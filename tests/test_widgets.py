@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,12 @@ pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
 from napari_coarseseg import load_preset, save_model  # noqa: E402
-from napari_coarseseg._widgets import ROLE_KEY, AnnotationsWidget, PredictWidget, TrainWidget  # noqa: E402
+from napari_coarseseg._widgets import (  # noqa: E402
+    ROLE_KEY,
+    AnnotationsWidget,
+    PredictWidget,
+    TrainWidget,
+)
 
 PLUGIN = "napari-coarseseg"
 
@@ -79,6 +86,24 @@ def test_cancel_button_stops_training(viewer, qtbot, errors):
     assert "discs prediction" not in viewer.layers
     assert not widget.save_button.isEnabled()
     assert errors == []
+
+
+def test_live_button_trains_until_pressed_again_then_the_model_can_be_saved(viewer, qtbot, errors, tmp_path):
+    """Live (or its shortcut) adds the prediction layers and trains on; pressing again stops within 5 s."""
+    widget = drawn_train_widget(viewer, steps=10)
+    widget.live_button.click()
+    assert widget.live is not None and widget.live_button.isChecked() and not widget.start_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.live.previews >= 1, timeout=60_000)
+    assert "discs prediction" in viewer.layers and "discs draw here next" in viewer.layers
+    assert "live: step" in widget.status.text()
+    started = time.perf_counter()
+    widget.toggle_live()  # what Shift-L does
+    assert time.perf_counter() - started <= 5
+    assert widget.live is None and not widget.live_button.isChecked() and widget.start_button.isEnabled()
+    assert widget.model is not None and widget.model.card["training"]["live"] and widget.save_button.isEnabled()
+    widget.save_model(tmp_path / "live.safetensors")
+    assert (tmp_path / "live.safetensors").is_file() and errors == []
+    assert any(key.endswith("L") and "Shift" in str(key) for key in map(str, viewer.keymap))  # the shortcut
 
 
 def test_train_widget_without_drawings_notifies(viewer, errors):

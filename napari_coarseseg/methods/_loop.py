@@ -73,6 +73,9 @@ class TrainingLoop:
     checkpoint : str or Path, optional
         Checkpoint file, written every ``config.checkpoint_every`` steps and
         whenever :meth:`checkpoint_due` says so.
+    init : Model, optional
+        Start from this model's weights (:meth:`start_from`); the settings
+        take over its network's shape (``base_channels``, ``depth``, ...).
 
     Notes
     -----
@@ -88,11 +91,17 @@ class TrainingLoop:
     method = ""
 
     def __init__(self, images: TrainingImages, config: TrainingConfig, seed: int | None, device,
-                 checkpoint=None):
+                 checkpoint=None, init: Model | None = None):
+        if init is not None:
+            shape = {key: value for key, value in init.card.get("network", {}).items()
+                     if key in ("base_channels", "depth", "task_levels")}
+            config = config.replace(**shape)
         self.images, self.config, self.seed = images, config, seed
         self.device = select_device(device)
         self.rng, self.torch_rng = seed_everything(seed)
         self.modules = {name: module.to(self.device) for name, module in self.build_modules().items()}
+        if init is not None:
+            self.start_from(init)
         self.network = use_channels_last(self.modules["network"], self.device)
         targets = self.targets()
         self.sampler = PatchSampler(images.planes, targets, config.patch_size, config.drawn_fraction, self.rng)
@@ -163,6 +172,59 @@ class TrainingLoop:
         """The network's blended ``maps`` on every training plane (the network stays in training mode)."""
         return predict_planes(self.network, self.images.planes, self.device, maps)
 
+    # ------------------------------------------------------------------ live sessions (napari_coarseseg.live)
+
+    def take_drawings(self, layers: dict) -> None:
+        """Replace the drawings by ``layers`` (role -> list of arrays), keeping weights and optimiser; then
+        :meth:`retarget`. Methods without live sessions do not override it."""
+        raise NotImplementedError(f"the {self.method} method has no live sessions yet")
+
+    def live_maps(self, planes: list[np.ndarray], modules: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per normalised (C, Y, X) plane: the labels ``predict`` would give now and a [0, 1] "draw here next"
+        map (where a stroke would help most), from ``modules`` (default the run's own; a live session passes
+        their moving average)."""
+        raise NotImplementedError(f"the {self.method} method has no live sessions yet")
+
+    def retarget(self, focus_fraction: float = 0.5) -> None:
+        """Rebuild the patch sampler on :meth:`targets`; centre ``focus_fraction`` of the patches that centre on
+        drawn pixels on the pixels whose target changed since the last sampler (new or erased strokes)."""
+        config, old = self.config, self.sampler
+        targets = self.targets()
+        self.sampler = PatchSampler(self.images.planes, targets, config.patch_size, config.drawn_fraction, self.rng)
+        if len(old.targets) == len(targets):
+            changed = [np.any([old_strategy[i] != new_strategy[i] for old_strategy, new_strategy
+                               in zip(old.unpadded_targets(), targets, strict=True)], axis=0)
+                       for i in range(len(self.images.planes))]
+            self.sampler.focus_on(changed, focus_fraction)
+
+    def hold_rate(self, warmup_steps: int = 20) -> None:
+        """Replace the one-cycle schedule (it needs an end) by a linear warm-up to the configured rate, then
+        constant: the schedule of a run that goes on until stopped."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = self.config.learning_rate
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
+
+    def start_from(self, model: Model) -> None:
+        """Take the weights of a trained ``model`` of the same method, classes and channels (a
+        ``ValueError`` saying which differs otherwise). Its transition heads or other modules come along
+        where this run has the same number of them; new ones start fresh."""
+        card = model.card
+        wanted = {"method": self.method, "n_classes": self.n_classes, "channels": self.images.channels}
+        differ = [f"{key} {card.get(key)!r} (this run: {value!r})" for key, value in wanted.items()
+                  if card.get(key) != value]
+        if differ:
+            raise ValueError("the model to start from does not fit this run: its " + ", ".join(differ)
+                             + "; pick a model trained with the same method, classes and channels")
+        try:
+            self.modules["network"].load_state_dict(model.network.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"the model to start from has another network shape ({card.get('network')}); "
+                             f"train with its base_channels and depth") from error
+        heads = self.modules.get("heads")
+        if heads is not None and len(heads) == len(model.heads):
+            heads.load_state_dict(model.heads.state_dict())
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, resume: bool = False) -> TrainingRun:
@@ -178,7 +240,7 @@ class TrainingLoop:
             for module in self.modules.values():
                 module.train()
             for step in range(self.step + 1, self.total_steps + 1):
-                losses = self._optimise(step)
+                losses = self.optimise(step)
                 self.step = step
                 masks, message = self.evolve(step)
                 self.plane += masks is not None
@@ -191,7 +253,7 @@ class TrainingLoop:
             for module in self.modules.values():
                 use_channels_last(module, self.device, on=False).cpu()
             release_device_memory(self.device)
-        return self._model(time.perf_counter() - start, losses)
+        return self.make_model(time.perf_counter() - start, losses)
 
     def _first_event(self) -> TrainingEvent:
         if self.step == 0:
@@ -200,7 +262,8 @@ class TrainingLoop:
         return TrainingEvent(self.step, self.total_steps, {}, 0.0, iteration=self.plane,
                              message=f"resumed at step {self.step}/{self.total_steps}")
 
-    def _optimise(self, step: int) -> dict[str, float]:
+    def optimise(self, step: int) -> dict[str, float]:
+        """One optimiser step on a fresh batch; the loss terms as floats (``step`` names it in errors)."""
         images, targets = self.batch()
         images, targets = augment(torch.from_numpy(images), torch.from_numpy(targets), self.torch_rng,
                                   self.config.jitter)
@@ -221,7 +284,8 @@ class TrainingLoop:
             )
         return losses
 
-    def _model(self, seconds: float, losses: dict) -> Model:
+    def make_model(self, seconds: float, losses: dict) -> Model:
+        """The modules as a :class:`Model` with its card (``seconds`` of training, the last ``losses``)."""
         network, extra, summary = self.card_fields()
         card = make_card(self.method, self.n_classes, self.images.channels, self.images.rgb, network,
                          patch_size=self.config.patch_size, **extra,

@@ -57,7 +57,8 @@ class Method:
     train : callable
         ``train(images, **layers_by_role, config=, n_classes=, seed=, device=,
         rgb=, names=, checkpoint=, resume=, **overrides)``: the training
-        generator (:data:`~napari_coarseseg.methods.TrainingRun`).
+        generator (:data:`~napari_coarseseg.methods.TrainingRun`); an
+        ``init=`` model to start from where the method can.
     predict : callable
         ``predict(model, image, device=, tile_size=, overlap=, batch_size=,
         name=, keep_probabilities=, flips=, **options)`` -> ``Prediction``.
@@ -67,6 +68,12 @@ class Method:
     length : tuple of str
         The settings whose product is the number of optimiser steps, outer
         first: ``("steps",)`` or ``("iterations", "steps")``.
+    loop : callable, optional
+        ``loop(images, layers, config, seed, device)`` -> the method's
+        :class:`~napari_coarseseg.methods.TrainingLoop` on
+        :class:`~napari_coarseseg.data.TrainingImages` and drawing layers by
+        role, for live sessions (:mod:`napari_coarseseg.live`); ``None`` for a
+        method without them.
     """
 
     name: str
@@ -77,6 +84,7 @@ class Method:
     predict: Callable[..., Prediction]
     build_model: Callable[[dict], Model]
     length: tuple[str, ...] = ("steps",)
+    loop: Callable | None = None
 
     @property
     def role_names(self) -> tuple[str, ...]:

@@ -275,10 +275,10 @@ class RecursiveTraining(TrainingLoop):
     method = "recursive"
 
     def __init__(self, images: TrainingImages, masks: RecursiveMasks, config: TrainingConfig, seed, device,
-                 checkpoint=None):
+                 checkpoint=None, init: Model | None = None):
         self.masks, self.n_classes = masks, masks.n_classes
         self.pixels_added: list[int] = []
-        super().__init__(images, config, seed, device, checkpoint)
+        super().__init__(images, config, seed, device, checkpoint, init)
         self.tasks = list(self.network.tasks)
         weights = config.task_weights
         self.weights = {"segmentation": weights.get("strong", 1.0), "approximation": weights.get("partial", 1.0),
@@ -360,7 +360,8 @@ class RecursiveTraining(TrainingLoop):
 
 def train_recursive(images, partial, strong=None, separation=None, *, config: TrainingConfig | str | None = None,
                     n_classes: int | None = None, seed: int | None = 0, device="auto", rgb: bool | None = None,
-                    names=None, checkpoint=None, resume: bool = False, **overrides) -> TrainingRun:
+                    names=None, checkpoint=None, resume: bool = False, init: Model | None = None,
+                    **overrides) -> TrainingRun:
     """Train the multi-task network of the recursive method; a generator of progress events.
 
     Parameters
@@ -380,9 +381,10 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
     config : TrainingConfig or str, optional
         Settings or a preset name; default the ``recursive`` preset:
         ``iterations`` iterations of ``steps`` optimiser steps each.
-    n_classes, seed, device, rgb, names, checkpoint, resume, **overrides
-        As for :func:`~napari_coarseseg.methods.refineseg.train_refineseg`;
-        the checkpoint is also written after every iteration's growth.
+    n_classes, seed, device, rgb, names, checkpoint, resume, init, **overrides
+        As for :func:`~napari_coarseseg.methods.refineseg.train_refineseg`
+        (``init``: a recursive model to start from); the checkpoint is also
+        written after every iteration's growth.
 
     Yields
     ------
@@ -399,7 +401,7 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
     config = resolve_config(config, RECURSIVE.preset, overrides)
     training_images = TrainingImages(images, rgb, names)
     masks = RecursiveMasks(training_images, partial, strong, separation, n_classes)
-    return (yield from RecursiveTraining(training_images, masks, config, seed, device, checkpoint).run(resume))
+    return (yield from RecursiveTraining(training_images, masks, config, seed, device, checkpoint, init).run(resume))
 
 
 def prediction_seeds(regions: np.ndarray, probability: np.ndarray | None, level: float) -> np.ndarray:
