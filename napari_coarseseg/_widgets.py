@@ -29,8 +29,8 @@ from ._live_viewer import live_in_viewer
 from ._viewer import is_kind, predict_in_viewer, train_in_viewer
 from .annotations import ROLE_KEY, Role, simulate, spatial_shape
 from .checkpoint import checkpoint_step
-from .methods import DEFAULT_METHOD, METHODS, drawing_roles
-from .model_io import list_shipped_models, save_model
+from .methods import DEFAULT_METHOD, METHODS, drawing_roles, load_model
+from .model_io import ModelFileError, list_shipped_models, save_model
 from .training import describe_device, list_presets, load_preset, select_device
 
 NONE = "(none)"
@@ -124,6 +124,13 @@ class TrainWidget(QWidget):
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.device_found = QLabel(describe_device_choice("auto"))
+        # Editable like Predict's: empty = random weights; a shipped model's name or a file = start from it.
+        self.init = QComboBox()
+        self.init.setEditable(True)
+        self.init.addItems(["", *list_shipped_models()])
+        self.init.lineEdit().setPlaceholderText("random weights (or a model to start from)")
+        self.init.setToolTip("Start from a trained model of the same method, classes and channels: on new images "
+                             "or drawings it reaches a given accuracy in fewer steps.")
         self.start_button = QPushButton("Start training")
         self.resume_button = QPushButton("Resume")
         self.resume_button.setToolTip("Continue the last run on this image and method from its checkpoint "
@@ -151,6 +158,7 @@ class TrainWidget(QWidget):
         form.addRow("iterations", self.iterations)
         form.addRow("device", self.device)
         form.addRow("", self.device_found)
+        form.addRow("start from", self.init)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         buttons = QHBoxLayout()
@@ -259,10 +267,13 @@ class TrainWidget(QWidget):
         lengths = {"steps": self.steps.value(), "iterations": self.iterations.value()}
         lengths = {setting: value for setting, value in lengths.items() if setting in method.length}
         preset = self.preset.currentText() or method.preset
+        init = self.initial_model(method)
+        if init is False:
+            return None
         worker = train_in_viewer(
             self.viewer, self.image.value() or "", method=method.name, **layers, **lengths, preset=preset,
             device=self.device.currentText(), start=False, on_event=self._on_event, checkpoint=checkpoint,
-            resume=resume,
+            resume=resume, **({"init": init} if init is not None else {}),
         )
         if worker is None:
             return None
@@ -280,6 +291,22 @@ class TrainWidget(QWidget):
         worker.start()
         return worker
 
+    def initial_model(self, method):
+        """The model "start from" names (None: random weights; False: it cannot be used, a notification says why)."""
+        path = self.init.currentText().strip()
+        if not path:
+            return None
+        try:
+            model = load_model(path, device="cpu")
+        except (ModelFileError, OSError) as error:
+            show_error(f"Cannot start from {path!r}: {error}")
+            return False
+        if model.method != method.name:
+            show_error(f"Cannot start from {path!r}: it is a {model.method} model and this run trains "
+                       f"{method.name}; pick a {method.name} model or that method.")
+            return False
+        return model
+
     def toggle_live(self):
         """Start a live session, or stop the running one (the Live button and its shortcut)."""
         return self.stop_live() if self.live is not None else self.start_live()
@@ -292,15 +319,19 @@ class TrainWidget(QWidget):
             self.live_button.setChecked(False)
             return None
         layers = {role: name for role in method.role_names if (name := self.roles[role].value())}
-        session = live_in_viewer(self.viewer, self.image.value() or "", method=method.name, **layers,
-                                 preset=self.preset.currentText() or method.preset,
-                                 device=self.device.currentText(), on_event=self._on_live_event)
+        init = self.initial_model(method)
+        session = None if init is False else live_in_viewer(
+            self.viewer, self.image.value() or "", method=method.name, **layers,
+            preset=self.preset.currentText() or method.preset, device=self.device.currentText(),
+            on_event=self._on_live_event, init=init)
         self.live = session
         self.live_button.setChecked(session is not None)
         self.start_button.setEnabled(session is None)
         if session is not None:
             self.save_button.setEnabled(False)
             self.status.setText("live: starting...")
+            # A session that ends by itself (it failed: a notification says why) frees the buttons again.
+            session.worker.finished.connect(lambda: self.stop_live() if self.live is session else None)
         return session
 
     def stop_live(self):

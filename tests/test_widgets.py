@@ -277,3 +277,17 @@ def test_resume_button_continues_from_the_checkpoint(viewer, qtbot, errors):
     widget.resume_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert len(errors) == 1 and "another training run" in errors[0]
+
+
+def test_start_from_a_model_of_another_method_notifies_and_trains_nothing(viewer, errors, tmp_path, tiny_model):
+    """The "start from" chooser takes a file or a shipped model; a model of another method is refused at once."""
+    widget = drawn_train_widget(viewer, steps=5)
+    widget.method.setCurrentText("recursive")
+    path = tmp_path / "refineseg.safetensors"
+    save_model(tiny_model, path)
+    widget.init.setEditText(str(path))
+    assert widget.start() is None and not widget.running
+    assert "refineseg model" in errors[-1] and "recursive" in errors[-1]
+    widget.init.setEditText(str(tmp_path / "missing.safetensors"))
+    assert widget.start_live() is None and widget.live is None
+    assert "Cannot start from" in errors[-1]
