@@ -13,10 +13,12 @@ The user's layers are never written.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import QApplication
 
 from ._viewer import (
     ViewerInputError,
@@ -179,13 +181,23 @@ class LiveSession:
         return self.worker.is_running and not self._finished.is_set()
 
     def stop(self, timeout: float = 5.0) -> bool:
-        """End the session after its current step; wait up to ``timeout`` s. True when it has ended."""
+        """End the session after its current step; wait up to ``timeout`` s. True when it has ended.
+
+        The wait keeps the viewer's event loop turning (the current step and the clean-up take up to a few
+        hundred ms on a CPU, which must not freeze the viewer).
+        """
         # Not worker.quit(): napari's worker would then stop calling the generator, leaving it suspended (its
         # clean-up unrun); the stop flag makes the generator return by itself after the current step.
         self._stop_requested.set()
         if self.training is not None:
             self.training.stop()
-        ended = self._finished.wait(timeout) if self.worker.is_running or self._finished.is_set() else True
+        deadline = time.perf_counter() + timeout
+        application = QApplication.instance()
+        while self.worker.is_running and not self._finished.is_set() and time.perf_counter() < deadline:
+            if application is not None:
+                application.processEvents()
+            self._finished.wait(0.005)
+        ended = self._finished.is_set() or not self.worker.is_running
         if ended and not getattr(self, "_announced", False):
             self._announced = True
             steps = self.training.loop.step if self.training is not None else 0

@@ -280,7 +280,9 @@ def _replace_layer(viewer, name: str, data, kind: str, **kwargs):
 def _show_evolution(viewer, image_name: str, planes: list[np.ndarray]):
     """Show planes 0..n as one Labels layer with a leading iteration axis; follow the newest."""
     stack = np.stack(planes)
+    restore = keep_selection(viewer)  # a new layer would take the selection from the user's drawing layer
     layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels")
+    restore()
     viewer.dims.set_current_step(0, len(planes) - 1)
     return layer
 

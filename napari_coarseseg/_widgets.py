@@ -93,6 +93,23 @@ class LayerChoice(QComboBox):
 LIVE_SHORTCUT = "Shift-L"
 
 
+def model_to_start_from(path: str, method):
+    """The model a "start from" box names (None: random weights; False: unusable, a notification says why)."""
+    path = path.strip()
+    if not path:
+        return None
+    try:
+        model = load_model(path, device="cpu")
+    except (ModelFileError, OSError) as error:
+        show_error(f"Cannot start from {path!r}: {error}")
+        return False
+    if model.method != method.name:
+        show_error(f"Cannot start from {path!r}: it is a {model.method} model and this run trains "
+                   f"{method.name}; pick a {method.name} model or that method.")
+        return False
+    return model
+
+
 class TrainWidget(QWidget):
     """Method, preset, layers, steps, device; Start becomes Cancel; progress, loss readout, save.
 
@@ -267,7 +284,7 @@ class TrainWidget(QWidget):
         lengths = {"steps": self.steps.value(), "iterations": self.iterations.value()}
         lengths = {setting: value for setting, value in lengths.items() if setting in method.length}
         preset = self.preset.currentText() or method.preset
-        init = self.initial_model(method)
+        init = model_to_start_from(self.init.currentText(), method)
         if init is False:
             return None
         worker = train_in_viewer(
@@ -291,22 +308,6 @@ class TrainWidget(QWidget):
         worker.start()
         return worker
 
-    def initial_model(self, method):
-        """The model "start from" names (None: random weights; False: it cannot be used, a notification says why)."""
-        path = self.init.currentText().strip()
-        if not path:
-            return None
-        try:
-            model = load_model(path, device="cpu")
-        except (ModelFileError, OSError) as error:
-            show_error(f"Cannot start from {path!r}: {error}")
-            return False
-        if model.method != method.name:
-            show_error(f"Cannot start from {path!r}: it is a {model.method} model and this run trains "
-                       f"{method.name}; pick a {method.name} model or that method.")
-            return False
-        return model
-
     def toggle_live(self):
         """Start a live session, or stop the running one (the Live button and its shortcut)."""
         return self.stop_live() if self.live is not None else self.start_live()
@@ -319,7 +320,7 @@ class TrainWidget(QWidget):
             self.live_button.setChecked(False)
             return None
         layers = {role: name for role in method.role_names if (name := self.roles[role].value())}
-        init = self.initial_model(method)
+        init = model_to_start_from(self.init.currentText(), method)
         session = None if init is False else live_in_viewer(
             self.viewer, self.image.value() or "", method=method.name, **layers,
             preset=self.preset.currentText() or method.preset, device=self.device.currentText(),

@@ -632,7 +632,7 @@ def test_train_init_starts_from_the_model_and_refuses_another_method_or_a_missin
 
     def distance(name):  # over the weights (batch-norm statistics move with every batch either way)
         weights = dict(load_model(tmp_path / f"{name}.safetensors").network.named_parameters())
-        return sum(float((weights[k] - start[k]).norm()) for k in start)
+        return sum(float((weights[k] - start[k]).detach().norm()) for k in start)
 
     assert distance("init") < 0.1 * distance("scratch")
     code, out, err = run(capsys, "train", data["image"], "--method", "recursive", "--partial",

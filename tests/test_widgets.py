@@ -96,6 +96,10 @@ def test_live_button_trains_until_pressed_again_then_the_model_can_be_saved(view
     qtbot.waitUntil(lambda: widget.live.previews >= 1, timeout=60_000)
     assert "discs prediction" in viewer.layers and "discs draw here next" in viewer.layers
     assert "live: step" in widget.status.text()
+    # A whole new drawing (layer.data = ...) is taken in too; the user's layer object is not written.
+    negative = viewer.layers["negative"]
+    negative.data = np.where(viewer.layers["discs"].data < 30, 1, 0).astype(np.uint8)
+    qtbot.waitUntil(lambda: "taken in 1 times" in widget.status.text(), timeout=60_000)
     started = time.perf_counter()
     widget.toggle_live()  # what Shift-L does
     assert time.perf_counter() - started <= 5
