@@ -20,12 +20,14 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QApplication
 
+from ._nifti_napari import derived_layer_kwargs
 from ._viewer import (
     ViewerInputError,
     _layer_data,
     _replace_layer,
     _show_evolution,
     add_below,
+    hold_full_collections,
     keep_selection,
     later,
     prediction_layer_name,
@@ -43,6 +45,24 @@ __all__ = ["live_in_viewer", "LiveSession", "draw_here_layer_name"]
 #: ``data_setitem``) emit ``paint``; ``layer.data = ...`` emits ``data``; an in-place change + ``refresh()``
 #: emits ``set_data``.
 DRAWING_EVENTS = ("paint", "data", "set_data")
+
+
+#: The evolution layer of a session holds at most this many bytes of previews (and at most 64 previews): a
+#: session may run for hours, and the layer is restacked with every preview.
+EVOLUTION_BYTES = 64 * 2**20
+
+
+def thin_history(planes: list[np.ndarray], max_bytes: int = EVOLUTION_BYTES, most: int = 64) -> list[np.ndarray]:
+    """``planes`` (oldest first), every second one dropped when over the budget, the newest always kept: the
+    history then spans the whole session, sparser the further back it goes.
+
+    >>> [int(p[0]) for p in thin_history([np.full(1, i) for i in range(9)], most=8)]
+    [0, 2, 4, 6, 8]
+    """
+    limit = int(np.clip(max_bytes // max(planes[-1].nbytes, 1), 8, most)) if planes else most
+    if len(planes) <= limit:
+        return planes
+    return planes[::-1][::2][::-1]
 
 
 def draw_here_layer_name(image_name: str) -> str:
@@ -84,6 +104,7 @@ class LiveSession:
         self.worker.yielded.connect(self._on_yielded)
         self.worker.errored.connect(lambda error: show_error(f"Live training failed: {error}"))
         self.worker.finished.connect(self._disconnect)
+        hold_full_collections(self.worker)
 
     # ------------------------------------------------------------------ GUI thread
 
@@ -101,19 +122,22 @@ class LiveSession:
         training, since adding a layer costs the GUI 0.1-0.5 s that live updates must not; one per turn of the
         event loop, so that the costs do not add up."""
         viewer, name = self.viewer, self.image_name
+        grid = derived_layer_kwargs(self._image_layer, len(self._shape))  # on the image's scale and grid
         restore = keep_selection(viewer)
-        _replace_layer(viewer, prediction_layer_name(name), np.zeros(self._shape, np.uint8), "labels", opacity=0.5)
+        _replace_layer(viewer, prediction_layer_name(name), np.zeros(self._shape, np.uint8), "labels", opacity=0.5,
+                       **grid)
         restore()
         later(lambda: add_below(viewer, draw_here_layer_name(name), np.zeros(self._shape, np.float32),
                                 prediction_layer_name(name), colormap="inferno", contrast_limits=(0, 1),
-                                opacity=0.6, visible=False, blending="additive"))
+                                opacity=0.6, visible=False, blending="additive", **grid))
         if not self._stack:
             later(self._show_evolution)
 
     def _show_evolution(self):
         """The evolution so far (plane 0: nothing yet), the user's selection kept."""
         restore = keep_selection(self.viewer)
-        _show_evolution(self.viewer, self.image_name, [np.zeros(self._shape, np.uint8), *self._evolution])
+        _show_evolution(self.viewer, self.image_name, [np.zeros(self._shape, np.uint8), *self._evolution],
+                        **derived_layer_kwargs(self._image_layer, len(self._shape) + 1))
         restore()
 
     def _on_yielded(self, event):
@@ -130,6 +154,7 @@ class LiveSession:
                 self._evolution.append(self.viewer.layers[prediction_layer_name(self.image_name)].data.copy()
                                        if prediction_layer_name(self.image_name) in self.viewer.layers
                                        else event.labels)
+                self._evolution = thin_history(self._evolution)
                 self._show_evolution()
             if event.message:
                 show_warning(event.message)

@@ -8,6 +8,7 @@ user's layers are read once (copied) when a run starts and never written.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
+from ._nifti_napari import derived_layer_kwargs
 from .annotations import AnnotationError, is_lazy, spatial_shape
 from .inference import check_image_for_model
 from .methods import DEFAULT_METHOD, check_roles, drawing_roles, get_method, load_model, predict
@@ -35,6 +37,33 @@ def _import_torch_compiler():
 
 
 threading.Thread(target=_import_torch_compiler, name="coarseseg-import-torch", daemon=True).start()
+
+
+_frozen_workers = 0
+
+
+def hold_full_collections(worker) -> None:
+    """While ``worker`` runs, leave the objects that exist when it starts out of Python's full garbage collections.
+
+    With napari, Qt and torch loaded, one full pass of the collector over them takes about 0.3 s, and it runs
+    in whichever thread happens to allocate: in the GUI thread it froze the viewer mid-run. ``gc.freeze`` moves
+    them to a generation the collector skips; they are handed back (``gc.unfreeze``) when the last running
+    worker ends, so nothing is kept for good.
+    """
+    def started():
+        global _frozen_workers
+        if _frozen_workers == 0:
+            gc.freeze()
+        _frozen_workers += 1
+
+    def finished():
+        global _frozen_workers
+        _frozen_workers = max(_frozen_workers - 1, 0)
+        if _frozen_workers == 0:
+            gc.unfreeze()
+
+    worker.started.connect(started)
+    worker.finished.connect(finished)
 
 
 def evolution_layer_name(image_name: str) -> str:
@@ -167,7 +196,7 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
             return None
         return model, predict(model, image_data, device=device, name=name, keep_probabilities=False)
 
-    worker = _training_worker(viewer, work, name, shape, on_event)
+    worker = _training_worker(viewer, work, name, shape, on_event, image_layer)
     if start:
         worker.start()
     return worker
@@ -191,11 +220,15 @@ def training_inputs(viewer, image, method: str, layers_and_settings: dict):
     return chosen, image_layer, image_data, rgb, given, settings
 
 
-def _training_worker(viewer, work, name: str, shape: tuple, on_event):
-    """A thread worker running ``work``, its events shown in ``"<name> evolution"`` and its result as layers."""
+def _training_worker(viewer, work, name: str, shape: tuple, on_event, image_layer=None):
+    """A thread worker running ``work``, its events shown in ``"<name> evolution"`` and its result as layers
+    (on the grid of ``image_layer``: its scale, translate and NIfTI grid)."""
     # ignore_errors: our handler shows one notification instead of napari re-raising in the GUI thread.
     worker = thread_worker(work, start_thread=False, ignore_errors=True)()
     evolution: list[np.ndarray] = []
+
+    def grid(ndim: int) -> dict:
+        return {} if image_layer is None else derived_layer_kwargs(image_layer, ndim)
 
     def on_yielded(event):
         if event.masks is not None:
@@ -209,13 +242,15 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event):
             return
         model, prediction = result
         selection = keep_selection(viewer)
-        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels", opacity=0.5)
+        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels", opacity=0.5,
+                       **grid(prediction.labels.ndim))
         selection()
         if prediction.reliability is not None:
             # Below the prediction and hidden: a map to turn on, not a field that hides the image. Added in the
             # next turn of the event loop: each new layer costs the GUI 0.1-0.5 s, and two at once stall it.
             later(lambda: add_below(viewer, reliability_layer_name(name), prediction.reliability,
-                                    prediction_layer_name(name), colormap="magma", opacity=0.6, visible=False))
+                                    prediction_layer_name(name), colormap="magma", opacity=0.6, visible=False,
+                                    **grid(prediction.reliability.ndim)))
         worker.model = model
         show_info(f"Training done: {model.card['training']['seconds']:.0f} s on "
                   f"{model.card['training']['device']}.")
@@ -228,8 +263,9 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event):
 
     # Adding a layer with a new (iteration) axis costs a few hundred ms of GUI
     # time; pay it now, before training, so that live updates only set data.
-    _show_evolution(viewer, name, [np.zeros(shape, dtype=np.uint8)])
+    _show_evolution(viewer, name, [np.zeros(shape, dtype=np.uint8)], **grid(len(shape) + 1))
     worker.model = None
+    hold_full_collections(worker)
     worker.yielded.connect(on_yielded)
     worker.returned.connect(on_returned)
     worker.errored.connect(on_errored)
@@ -277,11 +313,14 @@ def _replace_layer(viewer, name: str, data, kind: str, **kwargs):
     return add(data, name=name, **kwargs)
 
 
-def _show_evolution(viewer, image_name: str, planes: list[np.ndarray]):
-    """Show planes 0..n as one Labels layer with a leading iteration axis; follow the newest."""
+def _show_evolution(viewer, image_name: str, planes: list[np.ndarray], **kwargs):
+    """Show planes 0..n as one Labels layer with a leading iteration axis; follow the newest.
+
+    ``kwargs`` (scale, translate, metadata) go to the layer when it is made.
+    """
     stack = np.stack(planes)
     restore = keep_selection(viewer)  # a new layer would take the selection from the user's drawing layer
-    layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels")
+    layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels", **kwargs)
     restore()
     viewer.dims.set_current_step(0, len(planes) - 1)
     return layer
@@ -317,8 +356,10 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
         return labels
 
     worker = thread_worker(work, start_thread=False, ignore_errors=True)()
-    worker.returned.connect(lambda labels: _replace_layer(viewer, prediction_layer_name(name), labels, "labels"))
+    worker.returned.connect(lambda labels: _replace_layer(viewer, prediction_layer_name(name), labels, "labels",
+                                                          **derived_layer_kwargs(image_layer, labels.ndim)))
     worker.errored.connect(lambda error: show_error(f"Prediction failed: {error}"))
+    hold_full_collections(worker)
     if start:
         worker.start()
     return worker

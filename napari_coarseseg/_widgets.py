@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._live_viewer import live_in_viewer
+from ._nifti_napari import derived_layer_kwargs
 from ._viewer import is_kind, predict_in_viewer, train_in_viewer
 from .annotations import ROLE_KEY, Role, simulate, spatial_shape
 from .checkpoint import checkpoint_step
@@ -562,8 +563,10 @@ class AnnotationsWidget(QWidget):
             return self.viewer.layers[name]  # never replace what the user drew
         if data is None:
             data = np.zeros(shape, dtype=np.uint8)
-        layer = self.viewer.add_labels(data, name=name, metadata={ROLE_KEY: role},
-                                       opacity=0.4 if role in ("negative", "background") else 0.7)
+        # On the image's grid: its scale, and its NIfTI grid, with which a drawing is saved as NIfTI.
+        grid = derived_layer_kwargs(image_layer, len(shape))
+        layer = self.viewer.add_labels(data, name=name, metadata={ROLE_KEY: role, **grid.pop("metadata", {})},
+                                       opacity=0.4 if role in ("negative", "background") else 0.7, **grid)
         return layer
 
     def create_layers(self):

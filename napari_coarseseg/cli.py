@@ -2,7 +2,10 @@
 
 Every sub-command is a thin wrapper around a Python function of the core, so
 ``coarseseg train ...`` and :func:`napari_coarseseg.train_refineseg` do the
-same thing. ``--method`` and the drawing options (``--positive``,
+same thing. Images and drawings are TIFFs or NIfTI volumes (``.nii``,
+``.nii.gz``; :mod:`napari_coarseseg.nifti`): an output named ``.nii``/``.nii.gz``
+is written on the grid (affine, header) of its NIfTI image, a NIfTI drawing
+must lie on its image's grid. ``--method`` and the drawing options (``--positive``,
 ``--partial``, ...) come from the method registry
 (:data:`napari_coarseseg.methods.METHODS`). Errors print one line on stderr
 and exit with status 1 (2 for misuse of the command line, as argparse does);
@@ -21,9 +24,10 @@ import numpy as np
 
 from ._version import __version__
 from .annotations import AnnotationError
-from .io import InputError, StagedWrites, match_by_name, read_tiff, resolve_inputs, write_all
+from .io import InputError, StagedWrites, is_nifti, match_by_name, read_tiff, resolve_inputs
 from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method, load_model
 from .model_io import ModelFileError
+from .nifti import NiftiInfo, check_same_grid, nifti_writer, read_nifti
 
 #: Exceptions that mean "the user's input is wrong": reported in one line.
 USER_ERRORS = (AnnotationError, InputError, ModelFileError, ValueError, OSError, FloatingPointError)
@@ -54,9 +58,11 @@ def _range_of(what: str, example: str):
 def _add_simulate_parser(sub) -> None:
     """The ``simulate`` subcommand and its options (both drawing styles)."""
     sim = sub.add_parser("simulate", help="simulate coarse drawings from a full mask",
-                         description="Write positive.tif, negative.tif and partial.tif simulated from a full mask.")
-    sim.add_argument("labels", help="full mask TIFF (0 = background, 1..K = classes, or instances)")
-    sim.add_argument("--out-dir", required=True, help="folder for positive.tif, negative.tif, partial.tif")
+                         description="Write positive.tif, negative.tif and partial.tif simulated from a full mask "
+                                     "(.nii.gz files on the mask's grid for a NIfTI mask).")
+    sim.add_argument("labels", help="full mask TIFF or NIfTI (0 = background, 1..K = classes, or instances)")
+    sim.add_argument("--out-dir", required=True, help="folder for positive.tif, negative.tif, partial.tif "
+                     "(.nii.gz for a NIfTI mask)")
     sim.add_argument("--style", choices=["eroded", "scribble"], default="eroded",
                      help="eroded: eroded expert masks (clean); scribble: brush strokes as a person draws "
                           "them (default eroded)")
@@ -103,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate_parser(sub)
 
     train = sub.add_parser("train", help="train a model from an image and its coarse drawings",
-                           description="Train a model. IMAGE and drawings are TIFFs of identical shape, or "
-                                       "folders of TIFFs matched by file name.")
-    train.add_argument("image", help="training image TIFF or folder of TIFFs")
+                           description="Train a model. IMAGE and drawings are TIFFs of identical shape, NIfTI "
+                                       "volumes (.nii, .nii.gz) on the same grid, or folders of them matched by "
+                                       "file name.")
+    train.add_argument("image", help="training image (TIFF or NIfTI) or folder of them")
     train.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
                        help="; ".join(f"{method.name}: {method.title}" for method in METHODS.values())
                        + f" (default {DEFAULT_METHOD})")
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     train.add_argument("--evolution", metavar="EVO.tif",
-                       help="write the masks on the training image at each checkpoint, iteration 0 first")
+                       help="write the masks on the training image at each checkpoint, iteration 0 first "
+                            "(.nii.gz for a NIfTI image: iterations on the fourth axis)")
     train.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="write MODEL.checkpoint every N steps (default from the preset: 50); a killed run "
                             "loses at most N steps; the file is removed once the model is written")
@@ -140,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="segment images with a trained model")
     pred.add_argument("model", help="model file written by 'coarseseg train', or the name of a model shipped "
                       "in models/ (e.g. dsb2018-nuclei-refineseg)")
-    pred.add_argument("image", help="image TIFF or folder of TIFFs")
-    pred.add_argument("--out", required=True, help="output TIFF (or folder, for a folder of images)")
+    pred.add_argument("image", help="image (TIFF or NIfTI) or folder of them")
+    pred.add_argument("--out", required=True, help="output TIFF, or NIfTI (.nii, .nii.gz) on the grid of a NIfTI "
+                      "image (a folder, for a folder of images: files named like the images)")
     pred.add_argument("--probabilities", metavar="PROB.tif",
                       help="also write class probabilities (classes first); single image only")
     pred.add_argument("--reliability", metavar="REL.tif",
@@ -193,36 +202,65 @@ def _output_path(path, suffix: str | None = None) -> Path:
     return path
 
 
+def read_image(path) -> tuple[np.ndarray, NiftiInfo | None]:
+    """A TIFF (grid ``None``) or a NIfTI volume in (Z, Y, X) order with its grid."""
+    return read_nifti(path) if is_nifti(path) else (read_tiff(path), None)
+
+
+def check_outputs(outputs: list[tuple[Path, Path]]) -> None:
+    """Refuse, before any work, an (output, image) pair with a NIfTI output and a TIFF image: no affine to take."""
+    for target, image in outputs:
+        if is_nifti(target) and not is_nifti(image):
+            raise InputError(f"{str(target)!r} is a NIfTI name but its image {Path(image).name} is a TIFF: a NIfTI "
+                             "output takes the grid of a NIfTI image; name it .tif")
+
+
+def stage(staged: StagedWrites, target: Path, array: np.ndarray, grid: NiftiInfo | None) -> None:
+    """Stage one output: a NIfTI on the image's grid when ``target`` is named .nii/.nii.gz, else a TIFF."""
+    if is_nifti(target):
+        staged.add(target, write=nifti_writer(array, grid, compressed=target.name.lower().endswith(".gz")))
+    else:
+        staged.add(target, array)
+
+
 def cmd_simulate(args) -> int:
     from .annotations import SCRIBBLE_DEFAULTS, simulate
 
     out_dir = Path(args.out_dir)
-    labels = read_tiff(args.labels)
+    labels, grid = read_image(args.labels)
     scribble = {name: getattr(args, name) for name in SCRIBBLE_DEFAULTS}  # None where not given
     drawings = simulate(labels, erode=args.erode, margin=args.margin, partial_fraction=args.partial_fraction,
                         instances=args.instances, seed=args.seed, style=args.style, **scribble)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_all({
-        out_dir / "positive.tif": drawings.positive,
-        out_dir / "negative.tif": drawings.negative,
-        out_dir / "partial.tif": drawings.partial,
-    })
-    print(f"wrote {', '.join(str(p) for p in written)}")
+    suffix = ".tif" if grid is None else ".nii.gz"  # drawings of a NIfTI mask lie on its grid
+    with StagedWrites() as staged:
+        for name in ("positive", "negative", "partial"):
+            stage(staged, out_dir / f"{name}{suffix}", getattr(drawings, name), grid)
+    print(f"wrote {', '.join(str(p) for p in staged.paths)}")
     return 0
 
 
 def _load_training_set(args):
-    """The training images and, per role given, its layers matched to the images (None where missing)."""
+    """The training images, their NIfTI grids (None for a TIFF) and, per role given, its layers matched to the
+    images (None where missing)."""
     # The options are checked before any file is read.
     given = {role: getattr(args, role) for role in drawing_roles() if getattr(args, role)}
     check_roles(get_method(args.method), given, spell=lambda role: f"--{role}")
     image_files = resolve_inputs(args.image)
-    images = [read_tiff(p) for p in image_files]
+    images, grids = zip(*(read_image(p) for p in image_files), strict=True)
+
+    def drawing(path, role, grid):
+        array, own = read_image(path)
+        if own is not None and grid is not None:
+            check_same_grid(own, grid, f"{role} drawing")  # a drawing elsewhere in space is refused, not trained on
+        return array
 
     def layer(path, role):
-        return [None if p is None else read_tiff(p) for p in match_by_name(image_files, path, role)]
+        return [None if p is None else drawing(p, role, grid)
+                for p, grid in zip(match_by_name(image_files, path, role), grids, strict=True)]
 
-    return image_files, images, {role: [layer(p, role) for p in paths] for role, paths in given.items()}
+    layers = {role: [layer(p, role) for p in paths] for role, paths in given.items()}
+    return image_files, list(images), list(grids), layers
 
 
 def checkpoint_path(model_path) -> Path:
@@ -256,10 +294,15 @@ def cmd_train(args) -> int:
     config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every)
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
-    image_files, images, layers = _load_training_set(args)
+    image_files, images, grids, layers = _load_training_set(args)
     init = _initial_model(args.init, method) if args.init else None
     if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
         raise InputError("--evolution needs a folder when training on a folder of images")
+    evolution_targets = [] if evolution_path is None else [
+        evolution_path / file.name if evolution_path.is_dir() else evolution_path for file in image_files]
+    check_outputs([(target, image_files[i]) for i, target in enumerate(evolution_targets)])
+    # NIfTI voxels are grey values: a volume whose X happens to be 3 or 4 long is no RGB picture.
+    rgb = {"rgb": False} if all(grid is not None for grid in grids) else {}
 
     evolution: list[list[np.ndarray]] = []
 
@@ -273,19 +316,15 @@ def cmd_train(args) -> int:
     try:
         training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
                                 device=args.device, names=[p.name for p in image_files],
-                                checkpoint=checkpoint_path(out), resume=args.resume,
+                                checkpoint=checkpoint_path(out), resume=args.resume, **rgb,
                                 **({"init": init} if init is not None else {}))
         model = run_to_end(training, collect)
     finally:
         progress.close()
-    outputs = {}
-    if evolution_path is not None:
-        for i, file in enumerate(image_files):
-            target = evolution_path / file.name if evolution_path.is_dir() else evolution_path
-            outputs[target] = np.stack([masks[i] for masks in evolution])
     # The model goes last so that a failing evolution write leaves no model.
-    if outputs:
-        write_all(outputs)
+    with StagedWrites() as staged:
+        for i, target in enumerate(evolution_targets):
+            stage(staged, target, np.stack([masks[i] for masks in evolution]), grids[i])
     save_model(model, out)
     checkpoint_path(out).unlink(missing_ok=True)  # the run is complete
     summary = model.card["training"]
@@ -319,19 +358,23 @@ def cmd_predict(args) -> int:
         targets = [out / image_files[0].name]
     else:
         targets = [_output_path(out)]
+    extras = [Path(p) for p in (args.probabilities, args.reliability) if p]  # single image only (checked above)
+    check_outputs([*zip(targets, image_files, strict=True), *((extra, image_files[0]) for extra in extras)])
     from tqdm.auto import tqdm
 
     # All outputs appear together at the end, or none if any image fails.
     with StagedWrites() as staged:
         for file, target in tqdm(list(zip(image_files, targets, strict=True)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
-            prediction = predict(model, read_tiff(file), device=args.device, name=file.name,
+            image, grid = read_image(file)
+            prediction = predict(model, image, device=args.device, name=file.name,
                                  keep_probabilities=bool(args.probabilities), flips=args.flips, **options)
-            staged.add(target, prediction.labels)
+            stage(staged, target, prediction.labels, grid)
+            # Probabilities have the classes first: in a NIfTI, on the fourth axis.
             if args.probabilities:
-                staged.add(_output_path(args.probabilities), prediction.probabilities.astype(np.float32))
+                stage(staged, _output_path(args.probabilities), prediction.probabilities.astype(np.float32), grid)
             if args.reliability and prediction.reliability is not None:
-                staged.add(_output_path(args.reliability), prediction.reliability.astype(np.float32))
+                stage(staged, _output_path(args.reliability), prediction.reliability.astype(np.float32), grid)
     print(f"wrote {len(targets)} prediction{'s' if len(targets) > 1 else ''} to "
           f"{targets[0] if len(targets) == 1 else out}")
     return 0

@@ -1,9 +1,12 @@
-"""Reading and writing images for batch mode: TIFF files and folders of TIFFs.
+"""Reading and writing images for batch mode: TIFF and NIfTI files, and folders of them.
 
-A folder argument stands for all ``.tif``/``.tiff`` files in it; the files of
-an image folder and of its annotation folders are matched by file name.
-Writes go through :func:`napari_coarseseg.model_io.atomic_write` so that an
-interrupted run never leaves a half-written file.
+A folder argument stands for all ``.tif``/``.tiff``/``.nii``/``.nii.gz`` files
+in it; the files of an image folder and of its annotation folders are matched
+by file name. TIFFs are read and written here; NIfTI volumes by
+:mod:`napari_coarseseg.nifti`, which builds on this module (a NIfTI output is
+staged with the writer it makes, see :meth:`StagedWrites.add`). Writes go
+through :func:`napari_coarseseg.model_io.atomic_write` so that an interrupted
+run never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ import numpy as np
 from .model_io import atomic_write, publish
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: Read by :func:`napari_coarseseg.nifti.read_nifti`. ``.nii.gz`` is a double suffix: Path.suffix says ".gz".
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class InputError(ValueError):
     """A file or folder given on the command line cannot be used."""
 
 
-def tiff_files(folder) -> list[Path]:
-    """TIFF files of ``folder``, sorted by name."""
+def is_nifti(path) -> bool:
+    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def folder_images(folder) -> list[Path]:
+    """TIFF and NIfTI files of ``folder``, sorted by name."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.suffix.lower() in TIFF_SUFFIXES or is_nifti(p)))
     if not files:
-        raise InputError(f"folder {str(folder)!r} holds no .tif or .tiff file")
+        raise InputError(f"folder {str(folder)!r} holds no .tif, .tiff, .nii or .nii.gz file")
     return files
 
 
@@ -45,10 +56,10 @@ def read_tiff(path) -> np.ndarray:
 
 
 def resolve_inputs(path) -> list[Path]:
-    """The image files a path stands for: itself, or the TIFFs of a folder."""
+    """The image files a path stands for: itself, or the TIFF and NIfTI files of a folder."""
     path = Path(path)
     if path.is_dir():
-        return tiff_files(path)
+        return folder_images(path)
     if not path.exists():
         raise InputError(f"{str(path)!r} does not exist")
     return [path]
@@ -70,7 +81,7 @@ def match_by_name(image_files: list[Path], annotation_path, role: str) -> list[P
                 f"{len(image_files)}; pass a folder of {role} files named like the images"
             )
         return [annotation_path]
-    by_name = {p.name: p for p in tiff_files(annotation_path)}
+    by_name = {p.name: p for p in folder_images(annotation_path)}
     image_names = {p.name for p in image_files}
     stray = sorted(set(by_name) - image_names)
     if stray:
@@ -114,7 +125,12 @@ class StagedWrites:
     def __init__(self):
         self.staged: list[tuple[str, Path]] = []
 
-    def add(self, path, array) -> None:
+    def add(self, path, array=None, write=None) -> None:
+        """Stage ``array`` as a TIFF at ``path``, or call ``write(temporary_name)`` to write another format.
+
+        ``write`` is e.g. :func:`napari_coarseseg.nifti.nifti_writer`'s result,
+        for a NIfTI output.
+        """
         import tempfile
 
         path = Path(path)
@@ -125,7 +141,10 @@ class StagedWrites:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         self.staged.append((tmp, path))
-        _imwrite(tmp, array)
+        if write is None:
+            _imwrite(tmp, array)
+        else:
+            write(tmp)
 
     @property
     def paths(self) -> list[Path]:

@@ -178,3 +178,34 @@ def test_live_session_on_the_sample_previews_fast_follows_corrections_and_never_
             np.testing.assert_array_equal(viewer.layers[name].data[~negative], data[~negative])
         else:
             np.testing.assert_array_equal(viewer.layers[name].data, data)
+
+
+@pytest.mark.gui
+def test_a_stack_previews_the_slice_and_box_in_view_only(make_napari_viewer, qtbot, errors, discs, disc_drawings):
+    from napari_coarseseg import live_in_viewer
+    from napari_coarseseg._live_viewer import draw_here_layer_name
+
+    image, _ = discs
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([image] * 3), name="stack")
+    viewer.add_labels(np.stack([disc_drawings.positive] * 3), name="in")
+    viewer.add_labels(np.stack([disc_drawings.negative] * 3), name="out")
+    viewer.dims.set_current_step(0, 1)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 : before
+    camera.center, camera.zoom = (1, 16, 16), 40  # a corner of slice 1 fills the canvas
+    previews = []
+    session = live_in_viewer(viewer, "stack", positive="in", negative="out", first_preview=0, preview_every=0.1,
+                             on_event=lambda e: previews.append(e) if isinstance(e, LivePreview) else None, **TINY)
+    qtbot.waitUntil(lambda: len(previews) >= 2, timeout=60_000)
+    assert session.stop(timeout=5)
+    assert errors == [] and "stack evolution" not in viewer.layers  # the history of a stack is not kept
+    box = previews[-1].box
+    height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
+    assert previews[-1].plane == 1 and 0 < height < 64 and 0 < width < 64
+    # Only the slice and box in view were predicted: the rest of the draw-here layer is still empty.
+    shown = viewer.layers[draw_here_layer_name("stack")].data
+    assert (shown[(1, *box)] > 0).mean() > 0.9
+    outside = np.ones(shown.shape, bool)
+    outside[(1, *box)] = False
+    assert not shown[outside].any()
+    assert viewer.layers["stack prediction"].data.shape == (3, 64, 64)

@@ -59,6 +59,30 @@ def test_sample_data_contribution_points_to_the_loader(manifest):
     assert resolve(command.python_name) is napari_coarseseg.samples.dsb_nuclei_layers
 
 
+def test_nifti_reader_and_labels_writer_point_to_the_glue(manifest):
+    commands = {c.id: c for c in manifest.contributions.commands}
+    [reader] = manifest.contributions.readers
+    assert set(reader.filename_patterns) == {"*.nii", "*.nii.gz"} and not reader.accepts_directories
+    assert resolve(commands[reader.command].python_name) is napari_coarseseg._nifti_napari.get_reader
+    [writer] = manifest.contributions.writers
+    assert [str(t) for t in writer.layer_types] == ["labels"]
+    assert writer.filename_extensions == [".nii.gz", ".nii"]  # compressed first: the default for a bare name
+    assert resolve(commands[writer.command].python_name) is napari_coarseseg._nifti_napari.write_labels
+
+
+def test_npe2_picks_the_nifti_reader_and_writer_by_file_name(manifest):
+    plugins = npe2.PluginManager()
+    plugins.register(manifest)
+    for name in ("scan.nii.gz", "SCAN.NII"):
+        assert [r.command for r in plugins.iter_compatible_readers([name])] == ["napari-coarseseg.read_nifti"]
+    assert list(plugins.iter_compatible_readers(["image.tif"])) == []
+    for name in ("prediction.nii.gz", "prediction.nii"):
+        writer, path = plugins.get_writer(name, ["labels"])
+        assert writer.command == "napari-coarseseg.write_nifti_labels" and path == name
+    assert plugins.get_writer("prediction.nii.gz", ["image"])[0] is None  # labels only
+    assert plugins.get_writer("prediction", ["labels"])[1] == "prediction.nii.gz"
+
+
 def test_sample_layers_are_image_positive_negative_expert(sample_layers):
     assert isinstance(sample_layers, list) and len(sample_layers) == 4
     for layer in sample_layers:
