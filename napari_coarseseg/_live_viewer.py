@@ -28,7 +28,6 @@ from ._viewer import (
     _show_evolution,
     add_below,
     hold_full_collections,
-    keep_selection,
     later,
     prediction_layer_name,
     training_inputs,
@@ -123,10 +122,8 @@ class LiveSession:
         event loop, so that the costs do not add up."""
         viewer, name = self.viewer, self.image_name
         grid = derived_layer_kwargs(self._image_layer, len(self._shape))  # on the image's scale and grid
-        restore = keep_selection(viewer)
-        _replace_layer(viewer, prediction_layer_name(name), np.zeros(self._shape, np.uint8), "labels", opacity=0.5,
-                       **grid)
-        restore()
+        _replace_layer(viewer, prediction_layer_name(name), np.zeros(self._shape, np.uint8), "labels", select=False,
+                       opacity=0.5, **grid)
         later(lambda: add_below(viewer, draw_here_layer_name(name), np.zeros(self._shape, np.float32),
                                 prediction_layer_name(name), colormap="inferno", contrast_limits=(0, 1),
                                 opacity=0.6, visible=False, blending="additive", **grid))
@@ -135,10 +132,8 @@ class LiveSession:
 
     def _show_evolution(self):
         """The evolution so far (plane 0: nothing yet), the user's selection kept."""
-        restore = keep_selection(self.viewer)
         _show_evolution(self.viewer, self.image_name, [np.zeros(self._shape, np.uint8), *self._evolution],
                         **derived_layer_kwargs(self._image_layer, len(self._shape) + 1))
-        restore()
 
     def _on_yielded(self, event):
         if isinstance(event, LivePreview):

@@ -241,10 +241,8 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event, image_laye
         if result is None:
             return
         model, prediction = result
-        selection = keep_selection(viewer)
-        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels", opacity=0.5,
+        _replace_layer(viewer, prediction_layer_name(name), prediction.labels, "labels", select=False, opacity=0.5,
                        **grid(prediction.labels.ndim))
-        selection()
         if prediction.reliability is not None:
             # Below the prediction and hidden: a map to turn on, not a field that hides the image. Added in the
             # next turn of the event loop: each new layer costs the GUI 0.1-0.5 s, and two at once stall it.
@@ -293,16 +291,16 @@ def keep_selection(viewer):
 
 def add_below(viewer, name: str, data, above: str, **kwargs):
     """Add or replace the image layer ``name`` just below the layer ``above``, keeping the user's selection."""
-    restore = keep_selection(viewer)
-    layer = _replace_layer(viewer, name, data, "image", **kwargs)
+    layer = _replace_layer(viewer, name, data, "image", select=False, **kwargs)
     layers = viewer.layers
     if above in layers and layers.index(layer) > layers.index(above):
         layers.move(layers.index(layer), layers.index(above))
-    restore()
     return layer
 
 
-def _replace_layer(viewer, name: str, data, kind: str, **kwargs):
+def _replace_layer(viewer, name: str, data, kind: str, select: bool = True, **kwargs):
+    """Set the data of layer ``name``, or add it (``select=False``: the user's selection stays as it was; napari
+    selects a new layer)."""
     if name in viewer.layers:
         layer = viewer.layers[name]
         if is_kind(layer, kind) and layer.data.ndim == np.ndim(data):
@@ -310,7 +308,12 @@ def _replace_layer(viewer, name: str, data, kind: str, **kwargs):
             return layer
         viewer.layers.remove(name)
     add = viewer.add_labels if kind == "labels" else viewer.add_image
-    return add(data, name=name, **kwargs)
+    if select:
+        return add(data, name=name, **kwargs)
+    restore = keep_selection(viewer)
+    layer = add(data, name=name, **kwargs)
+    restore()
+    return layer
 
 
 def _show_evolution(viewer, image_name: str, planes: list[np.ndarray], **kwargs):
@@ -319,9 +322,8 @@ def _show_evolution(viewer, image_name: str, planes: list[np.ndarray], **kwargs)
     ``kwargs`` (scale, translate, metadata) go to the layer when it is made.
     """
     stack = np.stack(planes)
-    restore = keep_selection(viewer)  # a new layer would take the selection from the user's drawing layer
-    layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels", **kwargs)
-    restore()
+    # Not selected: a new layer would take the selection from the user's drawing layer.
+    layer = _replace_layer(viewer, evolution_layer_name(image_name), stack, "labels", select=False, **kwargs)
     viewer.dims.set_current_step(0, len(planes) - 1)
     return layer
 
