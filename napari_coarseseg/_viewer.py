@@ -19,7 +19,7 @@ from napari.utils.notifications import show_error, show_info
 
 from ._nifti_napari import derived_layer_kwargs
 from .annotations import AnnotationError, is_lazy, spatial_shape
-from .inference import check_image_for_model
+from .inference import check_image_for_model, move_channels_for_model
 from .methods import DEFAULT_METHOD, check_roles, drawing_roles, get_method, load_model, predict
 from .model_io import Model, ModelFileError
 
@@ -132,6 +132,34 @@ def _image_layer(viewer, image):
     return viewer.layers[image]
 
 
+def image_input(viewer, image, keep_lazy: bool = False) -> tuple:
+    """The image layer, a private copy of its data and whether that has channels on its last axis.
+
+    ``image`` is a layer or its name, or a list of them: the channels of one
+    image, in order (napari opens a multichannel file with ``channel_axis`` as
+    one layer per channel). Several grey layers of one shape are stacked on a
+    last axis, and the first layer stands for the image (the result layers
+    are named after it and lie on its grid). ``keep_lazy`` as for one layer's
+    data; several layers are read into memory.
+    """
+    names = _names(image)
+    if len(names) <= 1:
+        layer = _image_layer(viewer, names[0] if names else "")
+        data = _layer_data(viewer, layer, "image", role="image", keep_lazy=keep_lazy)
+        return layer, data, bool(getattr(layer, "rgb", False))
+    layers = [_image_layer(viewer, name) for name in names]
+    if len({id(layer) for layer in layers}) < len(layers):
+        raise ViewerInputError(f"a layer is given twice among the channels {[layer.name for layer in layers]}.")
+    channels = [_layer_data(viewer, layer, "image", role="channel") for layer in layers]
+    for layer, data in zip(layers, channels, strict=True):
+        if getattr(layer, "rgb", False):
+            raise ViewerInputError(f"layer {layer.name!r} is a colour (RGB) layer; channels must be grey layers.")
+        if data.shape != channels[0].shape:
+            raise ViewerInputError(f"channel layer {layer.name!r} has shape {data.shape} but {layers[0].name!r} has "
+                                   f"{channels[0].shape}; the channels of an image must have one shape.")
+    return layers[0], np.stack(channels, axis=-1), True
+
+
 def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int | None = None,
                     iterations: int | None = None, preset: str | None = None, device: str = "auto",
                     seed: int | None = 0, start: bool = True, on_event=None, **layers_and_settings):
@@ -140,8 +168,9 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
     Parameters
     ----------
     viewer : napari.Viewer
-    image : str or Layer
-        The image layer (name or layer).
+    image : str or Layer, or a list of them
+        The image layer (name or layer), or several grey layers of one shape:
+        the channels of one image, in order (see :func:`image_input`).
     method : str
         A method of :data:`napari_coarseseg.methods.METHODS`: ``"refineseg"``
         or ``"recursive"``.
@@ -203,16 +232,14 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
 
 
 def training_inputs(viewer, image, method: str, layers_and_settings: dict):
-    """The method, image layer, its private copy, whether it is RGB, the drawing layers given per role (names or
-    layers; at least one) and the other keywords (settings) of a training call; ``ViewerInputError`` (or the
-    method's errors) say what is wrong."""
+    """The method, image layer (the first of several channels), its private copy, whether it has channels last
+    (:func:`image_input`), the drawing layers given per role (names or layers; at least one) and the other
+    keywords (settings) of a training call; ``ViewerInputError`` (or the method's errors) say what is wrong."""
     roles = set(drawing_roles())
     named = {role: _names(value) for role, value in layers_and_settings.items() if role in roles}
     settings = {key: value for key, value in layers_and_settings.items() if key not in roles}
     chosen = get_method(method)
-    image_layer = _image_layer(viewer, image)
-    image_data = _layer_data(viewer, image_layer, "image", role="image")
-    rgb = bool(getattr(image_layer, "rgb", False))
+    image_layer, image_data, rgb = image_input(viewer, image)
     given = {role: names for role, names in named.items() if names}
     check_roles(chosen, given)
     if not given:
@@ -333,15 +360,18 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
 
     Adds or replaces ``"<image> prediction"`` (Labels); with ``instances``,
     touching objects of a class become separate labels for counting.
+    ``image`` is a layer or its name, or a list of them: the channels of one
+    image, in the order the model was trained on (see :func:`image_input`).
     Returns the worker, or ``None`` when the inputs are wrong (a notification
     says why).
     """
     try:
-        image_layer = _image_layer(viewer, image)
         # Prediction reads a dask, zarr or memmap layer slice by slice, never whole.
-        image_data = _layer_data(viewer, image_layer, "image", role="image", keep_lazy=True)
+        image_layer, image_data, _ = image_input(viewer, image, keep_lazy=True)
         if not isinstance(model, Model):
             model = load_model(model)
+        if len(_names(image)) > 1:  # channel layers, stacked last: as many as the model's (one is a grey image)
+            image_data = move_channels_for_model(image_data, model, -1, repr(image_layer.name))
         check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts
     except (ViewerInputError, ModelFileError, OSError, ValueError) as error:
         show_error(f"Cannot predict: {error}")

@@ -9,7 +9,7 @@ import napari
 import numpy as np
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -17,6 +17,8 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -90,6 +92,50 @@ class LayerChoice(QComboBox):
         return None if not text or text == NONE else text
 
 
+class MoreChannels(QListWidget):
+    """Image layers to take as further channels of the chosen image: a checkable list of the viewer's images.
+
+    napari opens a multichannel file (``channel_axis``) as one grey layer per
+    channel; checking the other channels' layers here trains or predicts on all
+    of them together, the chosen image's first, then the checked ones in the
+    layer list's order. A model predicts images with the channels it was trained
+    on, in the same order.
+    """
+
+    def __init__(self, viewer: napari.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.setMaximumHeight(72)
+        self.setToolTip("Further channels of the image: grey layers of its shape (e.g. the layers napari makes from "
+                        "a multichannel file). Predict with the same channels in the same order.")
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
+            event.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, event=None):
+        checked = set(self.checked())
+        self.clear()
+        for layer in self.viewer.layers:
+            if is_kind(layer, "image"):
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(Qt.Checked if layer.name in checked else Qt.Unchecked)
+                self.addItem(item)
+
+    def checked(self) -> list[str]:
+        return [self.item(i).text() for i in range(self.count()) if self.item(i).checkState() == Qt.Checked]
+
+    def check(self, names) -> None:
+        """Check exactly the layers ``names`` (what clicking their boxes does)."""
+        for i in range(self.count()):
+            self.item(i).setCheckState(Qt.Checked if self.item(i).text() in set(names) else Qt.Unchecked)
+
+    def image(self, first: str | None):
+        """What the viewer functions take as the image: ``first`` alone, or ``[first, *checked others]``."""
+        more = [name for name in self.checked() if name != first]
+        return [first or "", *more] if more else first or ""
+
+
 #: The viewer's key for the Train widget's Live button.
 LIVE_SHORTCUT = "Shift-L"
 
@@ -127,6 +173,7 @@ class TrainWidget(QWidget):
         self._progress = None
 
         self.image = LayerChoice(napari_viewer, "image")
+        self.channels = MoreChannels(napari_viewer)
         self.method = QComboBox()
         self.method.addItems(list(METHODS))
         self.method.setCurrentText(DEFAULT_METHOD)
@@ -165,6 +212,7 @@ class TrainWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("image", self.image)
+        form.addRow("more channels", self.channels)
         form.addRow("method", self.method)
         form.addRow("preset", self.preset)
         self._role_rows = {}
@@ -289,9 +337,9 @@ class TrainWidget(QWidget):
         if init is False:
             return None
         worker = train_in_viewer(
-            self.viewer, self.image.value() or "", method=method.name, **layers, **lengths, preset=preset,
-            device=self.device.currentText(), start=False, on_event=self._on_event, checkpoint=checkpoint,
-            resume=resume, **({"init": init} if init is not None else {}),
+            self.viewer, self.channels.image(self.image.value()), method=method.name, **layers, **lengths,
+            preset=preset, device=self.device.currentText(), start=False, on_event=self._on_event,
+            checkpoint=checkpoint, resume=resume, **({"init": init} if init is not None else {}),
         )
         if worker is None:
             return None
@@ -323,7 +371,7 @@ class TrainWidget(QWidget):
         layers = {role: name for role in method.role_names if (name := self.roles[role].value())}
         init = model_to_start_from(self.init.currentText(), method)
         session = None if init is False else live_in_viewer(
-            self.viewer, self.image.value() or "", method=method.name, **layers,
+            self.viewer, self.channels.image(self.image.value()), method=method.name, **layers,
             preset=self.preset.currentText() or method.preset, device=self.device.currentText(),
             on_event=self._on_live_event, init=init)
         self.live = session
@@ -411,7 +459,8 @@ class TrainWidget(QWidget):
 
 
 class PredictWidget(QWidget):
-    """A model (file or shipped), an image layer (2D, stack or RGB), optional instances; adds "<image> prediction"."""
+    """A model (file or shipped), an image layer (2D, stack or RGB; more channels), optional instances; adds
+    "<image> prediction"."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent=None):
         super().__init__(parent)
@@ -425,6 +474,7 @@ class PredictWidget(QWidget):
         browse = QPushButton("Browse...")
         browse.clicked.connect(self._browse)
         self.image = LayerChoice(napari_viewer, "image")
+        self.channels = MoreChannels(napari_viewer)
         self.instances = QCheckBox("split into object instances (for counting)")
         self.device = QComboBox()
         self.device.addItems(DEVICES)
@@ -437,6 +487,7 @@ class PredictWidget(QWidget):
         form = QFormLayout()
         form.addRow("model", row)
         form.addRow("image", self.image)
+        form.addRow("more channels", self.channels)
         form.addRow("device", self.device)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -458,7 +509,7 @@ class PredictWidget(QWidget):
         if not Path(path).is_file() and path not in list_shipped_models():
             show_error(f"Model file {path} does not exist; choose another one.")
             return None
-        self.worker = predict_in_viewer(self.viewer, path, self.image.value() or "",
+        self.worker = predict_in_viewer(self.viewer, path, self.channels.image(self.image.value()),
                                         device=self.device.currentText(), instances=self.instances.isChecked())
         if self.worker is not None:
             self.predict_button.setEnabled(False)

@@ -41,6 +41,7 @@ __all__ = [
     "label_dtype",
     "is_rgb",
     "is_lazy",
+    "channels_last",
     "positive_target",
     "background_target",
     "negative_target",
@@ -97,6 +98,59 @@ def is_lazy(array) -> bool:
         return True
     return (not isinstance(array, np.ndarray) and hasattr(array, "shape") and hasattr(array, "dtype")
             and hasattr(array, "__getitem__") and hasattr(array, "ndim"))
+
+
+def channels_last(image, channel_axis: int, name: str = "image"):
+    """``image`` with its channel axis ``channel_axis`` moved to the end: (Y, X, C) or (Z, Y, X, C).
+
+    The package reads several channels on the last axis (the ``rgb`` layout),
+    so an explicit channel axis is moved there once and everything after
+    (normalisation per channel, planes, the card's channel count) works as
+    for colour images. Lazy arrays stay lazy where they can be transposed.
+
+    Parameters
+    ----------
+    image : array_like
+        The image with one channel axis.
+    channel_axis : int
+        The axis that holds the channels; negative counts from the end.
+    name : str
+        How to call the image in error messages.
+
+    Returns
+    -------
+    image : array_like
+        The channels on the last axis (a view where possible).
+
+    Raises
+    ------
+    AnnotationError
+        If ``channel_axis`` is not an integer, lies outside the image's axes,
+        or the other axes are not (Y, X) or (Z, Y, X).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> channels_last(np.zeros((2, 5, 6)), 0).shape
+    (5, 6, 2)
+    >>> channels_last(np.zeros((4, 2, 5, 6)), -3).shape
+    (4, 5, 6, 2)
+    """
+    # bool is an int to Python, but True as an axis is surely a mistake.
+    if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)):
+        raise AnnotationError(f"channel_axis must be an integer axis of {name}, got {channel_axis!r}")
+    if not is_lazy(image):
+        image = np.asarray(image)
+    ndim = image.ndim
+    if ndim not in (3, 4):
+        raise AnnotationError(
+            f"{name} has shape {tuple(image.shape)}; with a channel axis it needs 3 or 4 axes, the others "
+            "(Y, X) or (Z, Y, X). Squeeze or select the axes you want to segment first."
+        )
+    if not -ndim <= channel_axis < ndim:
+        raise AnnotationError(f"channel_axis {channel_axis} is not an axis of {name} (shape {tuple(image.shape)}, "
+                              f"{ndim} axes); pass an axis from {-ndim} to {ndim - 1}")
+    return np.moveaxis(image, int(channel_axis), -1)
 
 
 def validate_image(image, name: str = "image", rgb: bool | None = None) -> np.ndarray:

@@ -5,9 +5,11 @@ Every sub-command is a thin wrapper around a Python function of the core, so
 same thing. Images and drawings are TIFFs or NIfTI volumes (``.nii``,
 ``.nii.gz``; :mod:`napari_coarseseg.nifti`): an output named ``.nii``/``.nii.gz``
 is written on the grid (affine, header) of its NIfTI image, a NIfTI drawing
-must lie on its image's grid. ``--method`` and the drawing options (``--positive``,
-``--partial``, ...) come from the method registry
-(:data:`napari_coarseseg.methods.METHODS`). Errors print one line on stderr
+must lie on its image's grid. ``--channel-axis N`` names the axis of the images
+that holds their channels (a 4-D NIfTI, read as (Z, Y, X, C), needs
+``--channel-axis 3``); drawings and outputs have the images' shape without it.
+``--method`` and the drawing options (``--positive``, ``--partial``, ...) come
+from the method registry (:data:`napari_coarseseg.methods.METHODS`). Errors print one line on stderr
 and exit with status 1 (2 for misuse of the command line, as argparse does);
 outputs are written only when everything succeeded.
 """
@@ -53,6 +55,15 @@ def _range_of(what: str, example: str):
             raise argparse.ArgumentTypeError(f"expected {what} like {example.split('-')[0]} or a range like "
                                              f"{example}, got {text!r}") from None
     return parse
+
+
+def _add_channel_axis(parser, what: str) -> None:
+    """The ``--channel-axis`` option of the sub-commands that read images."""
+    parser.add_argument("--channel-axis", type=int, metavar="N",
+                        help="the axis of IMAGE that holds its channels (microscopy: 0 for (C, Y, X), 1 for (Z, C, Y, "
+                             "X)), counted in the array as read, negative from the end; drawings and outputs have "
+                             "the image's shape without it. A 4-D NIfTI (X, Y, Z, C) is read as (Z, Y, X, C): pass 3 "
+                             f"(or -1). {what}")
 
 
 def _add_simulate_parser(sub) -> None:
@@ -143,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from MODEL.checkpoint (same inputs and options); "
                             "--evolution then holds the planes from the resumed part on")
+    _add_channel_axis(train, "Default: no channel axis (grey, or colour on a last axis of 3 or 4).")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pred = sub.add_parser("predict", help="segment images with a trained model")
@@ -161,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--prior-strength", type=float, metavar="TAU",
                       help="refineseg models: exponent of the class-prior correction (default the model's, 1); "
                            "3 helps sparse scribbles whose background strokes stay far from the objects")
+    _add_channel_axis(pred, "The image needs the model's channels, in the order it was trained on.")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled sample image",
@@ -202,9 +215,19 @@ def _output_path(path, suffix: str | None = None) -> Path:
     return path
 
 
-def read_image(path) -> tuple[np.ndarray, NiftiInfo | None]:
-    """A TIFF (grid ``None``) or a NIfTI volume in (Z, Y, X) order with its grid."""
-    return read_nifti(path) if is_nifti(path) else (read_tiff(path), None)
+def read_image(path, channel_axis: int | None = None) -> tuple[np.ndarray, NiftiInfo | None]:
+    """A TIFF (grid ``None``) or a NIfTI volume in (Z, Y, X) order with its grid.
+
+    With ``channel_axis`` a NIfTI must have four axes, (X, Y, Z, C), read as
+    (Z, Y, X, C): its channel axis is 3 (or -1), which is refused otherwise.
+    A TIFF is read as it is; the caller moves its channel axis.
+    """
+    if not is_nifti(path):
+        return read_tiff(path), None
+    if channel_axis is not None and channel_axis not in (3, -1):
+        raise InputError(f"--channel-axis {channel_axis}: {Path(path).name} is a NIfTI, read as (Z, Y, X, C) with "
+                         "its channels on the fourth axis; pass --channel-axis 3")
+    return read_nifti(path, channels=channel_axis is not None)
 
 
 def check_outputs(outputs: list[tuple[Path, Path]]) -> None:
@@ -247,7 +270,7 @@ def _load_training_set(args):
     given = {role: getattr(args, role) for role in drawing_roles() if getattr(args, role)}
     check_roles(get_method(args.method), given, spell=lambda role: f"--{role}")
     image_files = resolve_inputs(args.image)
-    images, grids = zip(*(read_image(p) for p in image_files), strict=True)
+    images, grids = zip(*(read_image(p, args.channel_axis) for p in image_files), strict=True)
 
     def drawing(path, role, grid):
         array, own = read_image(path)
@@ -301,8 +324,12 @@ def cmd_train(args) -> int:
     evolution_targets = [] if evolution_path is None else [
         evolution_path / file.name if evolution_path.is_dir() else evolution_path for file in image_files]
     check_outputs([(target, image_files[i]) for i, target in enumerate(evolution_targets)])
-    # NIfTI voxels are grey values: a volume whose X happens to be 3 or 4 long is no RGB picture.
-    rgb = {"rgb": False} if all(grid is not None for grid in grids) else {}
+    # NIfTI voxels are grey values: a volume whose X happens to be 3 or 4 long is no RGB picture. Channels come
+    # through --channel-axis, which implies them.
+    if args.channel_axis is not None:
+        channels = {"channel_axis": args.channel_axis}
+    else:
+        channels = {"rgb": False} if all(grid is not None for grid in grids) else {}
 
     evolution: list[list[np.ndarray]] = []
 
@@ -316,7 +343,7 @@ def cmd_train(args) -> int:
     try:
         training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
                                 device=args.device, names=[p.name for p in image_files],
-                                checkpoint=checkpoint_path(out), resume=args.resume, **rgb,
+                                checkpoint=checkpoint_path(out), resume=args.resume, **channels,
                                 **({"init": init} if init is not None else {}))
         model = run_to_end(training, collect)
     finally:
@@ -366,9 +393,10 @@ def cmd_predict(args) -> int:
     with StagedWrites() as staged:
         for file, target in tqdm(list(zip(image_files, targets, strict=True)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
-            image, grid = read_image(file)
+            image, grid = read_image(file, args.channel_axis)
             prediction = predict(model, image, device=args.device, name=file.name,
-                                 keep_probabilities=bool(args.probabilities), flips=args.flips, **options)
+                                 keep_probabilities=bool(args.probabilities), flips=args.flips,
+                                 channel_axis=args.channel_axis, **options)
             stage(staged, target, prediction.labels, grid)
             # Probabilities have the classes first: in a NIfTI, on the fourth axis.
             if args.probabilities:

@@ -11,7 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .annotations import AnnotationError, is_lazy, is_rgb, spatial_shape, validate_drawing, validate_image
+from .annotations import (
+    AnnotationError,
+    channels_last,
+    is_lazy,
+    is_rgb,
+    spatial_shape,
+    validate_drawing,
+    validate_image,
+)
 
 __all__ = [
     "TrainingImages",
@@ -53,6 +61,10 @@ class TrainingImages:
         Whether the last axis holds colour channels (guessed when omitted).
     names : list of str, optional
         Image names used in messages.
+    channel_axis : int, optional
+        The axis of every image that holds its channels (microscopy: (C, Y, X),
+        (Z, C, Y, X)); it is moved to the end, so ``rgb`` is implied. Drawings
+        have the images' shape without it. One channel is a grey image.
 
     Attributes
     ----------
@@ -64,6 +76,8 @@ class TrainingImages:
         Spatial shape of each image.
     rgb : bool
     channels : int
+    channel_axis : int or None
+        The ``channel_axis`` given (recorded in the model card).
     names : list of str
 
     Examples
@@ -74,7 +88,7 @@ class TrainingImages:
     (5, [[0, 1, 2, 3], [4]])
     """
 
-    def __init__(self, images, rgb: bool | None = None, names=None):
+    def __init__(self, images, rgb: bool | None = None, names=None, channel_axis: int | None = None):
         if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
@@ -82,6 +96,13 @@ class TrainingImages:
         self.names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         if len(self.names) != len(images):
             raise AnnotationError(f"{len(self.names)} names for {len(images)} images; give one name per image.")
+        self.channel_axis = channel_axis
+        if channel_axis is not None:
+            if rgb is False:
+                raise AnnotationError("rgb=False says the images have no channels but a channel_axis was given; "
+                                      "give one of them")
+            images = [channels_last(im, channel_axis, name) for im, name in zip(images, self.names, strict=True)]
+            rgb = True
         images = [validate_image(im, name, rgb) for im, name in zip(images, self.names, strict=True)]
         self.rgb = is_rgb(images[0]) if rgb is None else bool(rgb)
         self.channels = images[0].shape[-1] if self.rgb else 1
@@ -90,6 +111,9 @@ class TrainingImages:
             if channels != self.channels:
                 raise AnnotationError(f"{name} has {channels} channels, {self.names[0]} has {self.channels}; "
                                       "all training images need the same channels.")
+        if self.rgb and self.channels == 1:
+            # One channel is a grey image: the card then says so, and grey images predict without a channel axis.
+            images, self.rgb = [im[..., 0] for im in images], False
         self.planes, self.plane_of_image, self.image_shapes = [], [], []
         for im in images:
             start = len(self.planes)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .annotations import AnnotationError, validate_image
+from .annotations import AnnotationError, channels_last, validate_image
 from .data import iter_normalized_planes
 from .networks import fold_batch_norm
 from .training import autocast, select_device, use_channels_last
@@ -39,6 +39,7 @@ __all__ = [
     "tile_starts",
     "blend_window",
     "check_image_for_model",
+    "move_channels_for_model",
     "is_colour_image",
     "assemble_planes",
     "start_prediction",
@@ -193,15 +194,25 @@ def iter_predict_planes(network, planes, device, maps=softmax_maps, tile_size: i
         yield total / weight
 
 
+def _channel_hint(model) -> str:
+    """How to pass channels that lie on another axis, naming the axis the model was trained with if known."""
+    axis = model.card.get("channel_axis")  # None in cards of models trained without one, and before it existed
+    given = f" (the model was trained with channel_axis={axis})" if axis is not None else ""
+    return f"if its channels lie on another axis, pass channel_axis (--channel-axis){given}"
+
+
 def check_image_for_model(image, model, name: str = "image"):
     """``image`` validated (:func:`~napari_coarseseg.annotations.validate_image`) and checked against the
     channels ``model`` was trained on; raises :class:`~napari_coarseseg.annotations.AnnotationError`."""
+    if model.channels > 1 and np.ndim(image) == 2:
+        raise AnnotationError(f"{name} is a grey image (1 channel) but the model was trained on {model.channels} "
+                              f"channels; give an image with {model.channels} channels")
     image = validate_image(image, name, rgb=model.rgb if model.channels > 1 else False)
     channels = image.shape[-1] if model.rgb else 1
     if model.rgb and channels != model.channels:
         raise AnnotationError(
-            f"{name} has {channels} channels but the model was trained on {model.channels}; "
-            "use a model trained on images like this one."
+            f"{name} has {channels} channels on its last axis but the model was trained on {model.channels}; "
+            f"{_channel_hint(model)}, or use a model trained on images like this one."
         )
     if model.channels > 1 and not model.rgb:
         raise AnnotationError(f"the model expects {model.channels} channels; {name} has 1.")
@@ -211,6 +222,23 @@ def check_image_for_model(image, model, name: str = "image"):
             "grey images; convert it to grey or train on colour images."
         )
     return image
+
+
+def move_channels_for_model(image, model, channel_axis: int | None, name: str = "image"):
+    """``image`` with its channel axis ``channel_axis`` moved last, as the model's prediction reads it.
+
+    Refuses, naming both counts, an image whose channel count differs from
+    the model's; one channel becomes a grey image (a one-channel model is a
+    grey model). ``None`` returns ``image`` as it is.
+    """
+    if channel_axis is None:
+        return image
+    image = channels_last(image, channel_axis, name)
+    if image.shape[-1] != model.channels:
+        raise AnnotationError(f"{name} has {image.shape[-1]} channels on axis {channel_axis} but the model was "
+                              f"trained on {model.channels}; give an image with {model.channels} channels or "
+                              "use a model trained on images like this one")
+    return image[..., 0] if model.channels == 1 else image
 
 
 def is_colour_image(image) -> bool:

@@ -7,7 +7,9 @@ A live session keeps one training loop (:class:`~napari_coarseseg.methods.Traini
   targets and patch sampler are rebuilt while the weights, the optimiser state
   and the transition heads are kept, and half of the patches that centre on
   drawn pixels centre on the changed pixels for a while, so new strokes are
-  learned first;
+  learned first; strokes painted during the session are the user's
+  corrections and are taken as exact (no transition head explains them
+  away, :meth:`TrainingLoop.trust_new_strokes`);
 - the learning rate warms up over ``warmup_steps`` steps and then stays
   constant (a one-cycle schedule needs an end, a live session has none);
   previews and the session's model use an exponential moving average of the
@@ -148,6 +150,7 @@ class LiveTraining:
         self.loop = chosen.loop(self.images, layers, self.config, seed, device)
         if init is not None:
             self.loop.start_from(init)
+        self.loop.trust_new_strokes()  # strokes painted during the session correct the preview: exact
         self._stop = threading.Event()
         self.seconds = 0.0
         self.losses: dict = {}
@@ -232,7 +235,8 @@ class LiveTraining:
         for name, module in self.loop.modules.items():
             current = [t for t in module.state_dict().values() if t.is_floating_point()]
             kept = [t for t in self.averaged[name].state_dict().values() if t.is_floating_point()]
-            torch._foreach_lerp_(kept, current, 1.0 - decay)
+            if kept:  # a run without transition heads has an empty head list
+                torch._foreach_lerp_(kept, current, 1.0 - decay)
 
     def _preview(self, region, context: int):
         """Labels and draw-here map of ``region`` (the whole first plane when None), with ``context`` px around."""

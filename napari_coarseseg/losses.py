@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "coarse_distribution",
+    "trust_pixels",
     "masked_cross_entropy",
     "masked_dice_loss",
     "positive_loss",
@@ -134,6 +135,18 @@ def transition_regulariser(transitions: list[torch.Tensor], targets: list[torch.
             drawn = targets[r] >= 0
             total = total + torch.where(drawn, deviation, torch.zeros_like(deviation)).sum() / drawn.sum().clamp(min=1)
     return total
+
+
+def trust_pixels(transition: torch.Tensor, trusted: torch.Tensor) -> torch.Tensor:
+    """The transition with the identity at ``trusted`` (B, H, W) pixels: there the drawing is taken as exact.
+
+    >>> a = torch.full((1, 2, 2, 1, 2), 0.5)
+    >>> trust_pixels(a, torch.tensor([[[True, False]]]))[0, :, :, 0, 0]
+    tensor([[1., 0.],
+            [0., 1.]])
+    """
+    identity = torch.eye(transition.shape[1], dtype=transition.dtype, device=transition.device)
+    return torch.where(trusted[:, None, None], identity[None, :, :, None, None], transition)
 
 
 def refineseg_loss(

@@ -16,9 +16,14 @@ file's voxel indices ``(i, j, k, 1)`` to world coordinates), while
 :attr:`NiftiInfo.spacing` is given in array order, (Z, Y, X), as napari's
 layer ``scale`` wants it.
 
-A NIfTI with a fourth axis of length > 1 (time points, channels, vector
-components) is refused: several channels per voxel are not supported yet. A
-trailing axis of length 1, which some tools write, is dropped.
+A NIfTI with a fourth axis of length > 1 (channels, time points, vector
+components) is read only when the caller says it holds channels
+(``read_nifti(path, channels=True)``, ``coarseseg --channel-axis 3``): the
+spatial axes are reversed as above and the channels stay last, ``(Z, Y, X, C)``,
+so the channel axis is 3 (or -1) both in the file and in the array. Label maps
+written for it lie on its spatial grid (:attr:`NiftiInfo.shape` is (Z, Y, X)).
+Without that, such a file is refused with a line saying so. A trailing axis of
+length 1, which some tools write, is dropped.
 
 Everything here raises :class:`napari_coarseseg.io.InputError` with one clear
 line on bad input; writes are atomic
@@ -64,7 +69,8 @@ class NiftiInfo:
     header : nibabel.Nifti1Header or nibabel.Nifti2Header
         A copy of the file's header.
     shape : tuple of int
-        The array's shape (array order, (Z, Y, X)).
+        The array's spatial shape (array order, (Z, Y, X); without the channels
+        of a file read with ``channels=True``).
     name : str
         The file name, for messages.
     """
@@ -88,7 +94,7 @@ def _nibabel():
     return nibabel
 
 
-def read_nifti(path, check_finite: bool = True) -> tuple[np.ndarray, NiftiInfo]:
+def read_nifti(path, check_finite: bool = True, channels: bool = False) -> tuple[np.ndarray, NiftiInfo]:
     """Read a ``.nii`` or ``.nii.gz`` file as a (Z, Y, X) array (a 2-D file as (Y, X)) and its grid.
 
     Parameters
@@ -98,6 +104,9 @@ def read_nifti(path, check_finite: bool = True) -> tuple[np.ndarray, NiftiInfo]:
     check_finite : bool
         Refuse floating-point voxels that are NaN or infinite (training and
         prediction cannot use them); the napari reader opens such files.
+    channels : bool
+        The file has four axes (X, Y, Z, C), the fourth its channels: read it
+        as (Z, Y, X, C). A file with three axes is then refused.
 
     Returns
     -------
@@ -111,8 +120,9 @@ def read_nifti(path, check_finite: bool = True) -> tuple[np.ndarray, NiftiInfo]:
     ------
     InputError
         If the file does not exist, is not a readable NIfTI, has more than
-        three axes (channels or time points), voxels that are not plain
-        numbers, or NaN or infinite voxels (with ``check_finite``).
+        three axes (without ``channels``; with it, other than four), voxels
+        that are not plain numbers, or NaN or infinite voxels (with
+        ``check_finite``).
 
     Examples
     --------
@@ -143,12 +153,7 @@ def read_nifti(path, check_finite: bool = True) -> tuple[np.ndarray, NiftiInfo]:
         data = np.asarray(proxy, dtype=np.float32) if scaled else np.asarray(proxy)
     except Exception as error:  # nibabel, gzip and zlib raise many types for broken files
         raise InputError(f"cannot read {str(path)!r} as a NIfTI file ({type(error).__name__}: {error})") from None
-    # A trailing axis of length 1 (X, Y, Z, 1) is a plain volume that some tools write with four axes.
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim > 3:
-        raise InputError(f"{path.name} has {data.ndim} axes {data.shape} (X, Y, Z, ...): several channels or time "
-                         "points per voxel are not supported yet; save one 3-D volume per file")
+    data = _spatial_axes(data, path.name, channels)
     if data.ndim < 2:
         raise InputError(f"{path.name} has shape {data.shape}; expected a 2-D image or a 3-D volume")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool) or np.iscomplexobj(data):
@@ -158,11 +163,31 @@ def read_nifti(path, check_finite: bool = True) -> tuple[np.ndarray, NiftiInfo]:
         _check_finite(data, path.name)
     header = image.header.copy()
     # The header holds float32: its shortest decimal (0.05, not 0.05000000074505806) is the size that was meant.
-    zooms = tuple(float(str(z)) for z in header.get_zooms()[: data.ndim])
+    spatial = data.ndim - (1 if channels else 0)
+    zooms = tuple(float(str(z)) for z in header.get_zooms()[:spatial])
     info = NiftiInfo(affine=np.array(image.affine, dtype=np.float64), spacing=zooms[::-1],
-                     units=str(header.get_xyzt_units()[0]), header=header, shape=data.shape[::-1], name=path.name)
-    # nibabel's arrays are Fortran-ordered, so the reversed view is C-contiguous: no copy.
-    return data.T, info
+                     units=str(header.get_xyzt_units()[0]), header=header, shape=data.shape[:spatial][::-1],
+                     name=path.name)
+    # nibabel's arrays are Fortran-ordered, so the reversed view is C-contiguous: no copy. Channels stay last.
+    return (np.moveaxis(data.T, 0, -1) if channels else data.T), info
+
+
+def _spatial_axes(data: np.ndarray, name: str, channels: bool) -> np.ndarray:
+    """``data`` (file order) with trailing axes of length 1 dropped, refused unless it has the axes asked for."""
+    wanted = 4 if channels else 3
+    # A trailing axis of length 1 (X, Y, Z, 1) is a plain volume that some tools write with four axes.
+    while data.ndim > wanted and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > wanted and channels:
+        raise InputError(f"{name} has {data.ndim} axes {data.shape}; expected (X, Y, Z, C) with the channels fourth")
+    if data.ndim > wanted:
+        raise InputError(f"{name} has {data.ndim} axes {data.shape} (X, Y, Z, ...): pass --channel-axis 3 "
+                         "(channel_axis=3) to read the fourth axis as channels; time points are not supported, "
+                         "save one volume per file")
+    if channels and data.ndim < wanted:
+        raise InputError(f"{name} has {data.ndim} axes {data.shape} (X, Y, Z): no fourth (channel) axis; leave "
+                         "--channel-axis out for a grey volume")
+    return data
 
 
 def _check_finite(data: np.ndarray, name: str) -> None:

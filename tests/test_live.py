@@ -45,6 +45,8 @@ def test_new_strokes_are_taken_in_with_the_same_weights_and_optimiser_and_learne
     changed = (more != positive)
     sampler = session.loop.sampler
     assert sampler.focus_fraction == 0.5 and sorted(sampler.focus_index) == sorted(np.flatnonzero(changed))
+    # The new strokes are corrections: exact, they meet the network's p without a transition head.
+    assert np.array_equal(session.loop.trusted[0], changed)
     # Half of the drawn-pixel patches centre on the new strokes (5 % of the drawn pixels).
     centres = sampler.centres(4000)
     on_new = changed[centres[:, 1], centres[:, 2]].mean()
@@ -62,6 +64,19 @@ def test_refused_drawings_are_reported_and_the_old_ones_kept(discs, disc_drawing
     assert event.drawings_version == 0 and "not taken in" in event.message and "positive" in event.message
     assert (session.loop.targets()[0][0] >= 0).sum() == (disc_drawings.positive > 0).sum()
 
+
+def test_a_session_without_transition_heads_averages_the_network_alone(discs, disc_drawings):
+    # Control (a) of the benchmarks: no heads, so the averaged head list is empty (it used to crash the average).
+    image, _ = discs
+    layers = {"positive": [disc_drawings.positive], "negative": [disc_drawings.negative]}
+    session = LiveTraining(image, layers, transition_heads="none", **TINY)
+    for event in session.run(first_preview=1e9):
+        if event.step == 3:
+            session.stop()
+    assert len(session.averaged["heads"]) == 0 and session.model().card["training"]["steps"] == 3
+    for mine, averaged in zip(session.model().network.state_dict().values(),
+                              session.averaged["network"].state_dict().values(), strict=True):
+        assert torch.equal(mine, averaged)
 
 def test_a_session_starts_from_a_model_of_the_same_method_classes_and_channels(discs, disc_drawings,
                                                                               tiny_model, tiny_two_class_model):

@@ -255,7 +255,7 @@ def bad_input(case: str, folder: Path) -> tuple[dict, list[str]]:
     if case == "4-D volume":
         channels = np.stack([np.asarray(image.dataobj)] * 3, axis=-1)
         nib.save(nib.Nifti1Image(channels, image.affine, image.header), path)
-        return {"image": path}, ["(128, 128, 8, 3)", "not supported yet"]
+        return {"image": path}, ["(128, 128, 8, 3)", "--channel-axis 3"]
     if case == "NaN volume":
         voxels = np.asarray(image.dataobj).astype(np.float32)
         voxels[3, 4, 5] = np.nan

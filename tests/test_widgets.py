@@ -295,3 +295,35 @@ def test_start_from_a_model_of_another_method_notifies_and_trains_nothing(viewer
     widget.init.setEditText(str(tmp_path / "missing.safetensors"))
     assert widget.start_live() is None and widget.live is None
     assert "Cannot start from" in errors[-1]
+
+
+def test_several_image_layers_train_and_predict_as_the_channels_of_one_image(viewer, qtbot, errors, discs, tmp_path):
+    """napari opens a multichannel file as one layer per channel: "more channels" takes them as one image."""
+    image, _ = discs
+    viewer.add_image(image[::-1].copy(), name="mirrored")  # a second channel: the image upside down
+    widget = drawn_train_widget(viewer, steps=3)
+    assert [widget.channels.item(i).text() for i in range(widget.channels.count())] == ["discs", "mirrored"]
+    widget.channels.check(["mirrored"])
+    assert widget.channels.image(widget.image.value()) == ["discs", "mirrored"]
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert errors == [] and widget.model.card["channels"] == 2
+    assert viewer.layers["discs prediction"].data.shape == image.shape  # the labels have no channel axis
+    save_model(widget.model, tmp_path / "two.safetensors")
+
+    predictor = PredictWidget(viewer)
+    predictor.model_path.setEditText(str(tmp_path / "two.safetensors"))
+    predictor.device.setCurrentText("cpu")
+    viewer.layers.remove("discs prediction")
+    assert predictor.predict() is None  # one channel for a two-channel model
+    assert "1 channel" in errors[-1] and "trained on 2" in errors[-1]
+    predictor.channels.check(["mirrored"])
+    predictor.predict_button.click()
+    qtbot.waitUntil(lambda: "discs prediction" in viewer.layers, timeout=60_000)
+    assert viewer.layers["discs prediction"].data.shape == image.shape
+    qtbot.waitUntil(predictor.predict_button.isEnabled, timeout=10_000)
+
+    viewer.add_image(np.zeros((32, 32), np.float32), name="small")
+    predictor.channels.check(["small"])
+    assert predictor.predict() is None
+    assert "'small' has shape (32, 32)" in errors[-1] and "one shape" in errors[-1]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from ..annotations import AnnotationError
-from ..inference import TILE_SIZE, Prediction
+from ..inference import TILE_SIZE, Prediction, move_channels_for_model
 from ..model_io import Model, ModelFileError, load_weights, read_card, resolve_model_path
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method
@@ -106,8 +106,8 @@ def load_model(path, device="cpu") -> Model:
 
 def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
             batch_size: int = 4, name: str = "image", keep_probabilities: bool = True, flips: bool = False,
-            **options) -> Prediction:
-    """Segment an image (2-D, a (Z, Y, X) stack slice by slice, or RGB) with the model's method.
+            channel_axis: int | None = None, **options) -> Prediction:
+    """Segment an image (2-D, a (Z, Y, X) stack slice by slice, RGB or channels on an axis) with its method.
 
     Parameters
     ----------
@@ -131,6 +131,11 @@ def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, over
     flips : bool
         Test-time augmentation: average the network's maps over the four
         mirror images of every tile (four times the prediction time).
+    channel_axis : int, optional
+        The axis of ``image`` that holds its channels, e.g. 0 for (C, Y, X);
+        their number must be the model's (``model.channels``). The labels
+        (and reliability) have the image's shape without it; the
+        probabilities have the classes first.
     **options
         Options of the model's method: ``prior_correction`` (refineseg,
         default True) and ``prior_strength`` (refineseg, default from the
@@ -143,6 +148,7 @@ def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, over
     """
     if overlap < 0 or overlap >= tile_size:
         raise ValueError(f"overlap must be in [0, tile_size), got {overlap} with tile_size {tile_size}")
+    image = move_channels_for_model(image, model, channel_axis, name)
     return get_method(model.method).predict(model, image, device=device, tile_size=tile_size, overlap=overlap,
                                             batch_size=batch_size, name=name,
                                             keep_probabilities=keep_probabilities, flips=flips, **options)

@@ -197,6 +197,10 @@ class TrainingLoop:
                        for i in range(len(self.images.planes))]
             self.sampler.focus_on(changed, focus_fraction)
 
+    def trust_new_strokes(self) -> None:
+        """Take strokes painted from now on as exact, where the method models drawing errors (a live session
+        calls this at its start; methods without an error model have nothing to do)."""
+
     def hold_rate(self, warmup_steps: int = 20) -> None:
         """Replace the one-cycle schedule (it needs an end) by a linear warm-up to the configured rate, then
         constant: the schedule of a run that goes on until stopped."""
@@ -288,7 +292,7 @@ class TrainingLoop:
         """The modules as a :class:`Model` with its card (``seconds`` of training, the last ``losses``)."""
         network, extra, summary = self.card_fields()
         card = make_card(self.method, self.n_classes, self.images.channels, self.images.rgb, network,
-                         patch_size=self.config.patch_size, **extra,
+                         patch_size=self.config.patch_size, channel_axis=self.images.channel_axis, **extra,
                          training={**summary, "seed": self.seed, "seconds": round(seconds, 2),
                                    "device": describe_device(self.device), "final_losses": losses,
                                    "image_shapes": [list(s) for s in self.images.image_shapes],

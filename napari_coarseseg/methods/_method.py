@@ -56,7 +56,7 @@ class Method:
         Its default preset in ``models/``.
     train : callable
         ``train(images, **layers_by_role, config=, n_classes=, seed=, device=,
-        rgb=, names=, checkpoint=, resume=, **overrides)``: the training
+        rgb=, names=, checkpoint=, resume=, channel_axis=, **overrides)``: the training
         generator (:data:`~napari_coarseseg.methods.TrainingRun`); an
         ``init=`` model to start from where the method can.
     predict : callable

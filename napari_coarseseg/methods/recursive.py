@@ -361,13 +361,14 @@ class RecursiveTraining(TrainingLoop):
 def train_recursive(images, partial, strong=None, separation=None, *, config: TrainingConfig | str | None = None,
                     n_classes: int | None = None, seed: int | None = 0, device="auto", rgb: bool | None = None,
                     names=None, checkpoint=None, resume: bool = False, init: Model | None = None,
-                    **overrides) -> TrainingRun:
+                    channel_axis: int | None = None, **overrides) -> TrainingRun:
     """Train the multi-task network of the recursive method; a generator of progress events.
 
     Parameters
     ----------
     images : ndarray or list of ndarray
-        Training images: (Y, X), (Z, Y, X) stacks (slice by slice) or RGB.
+        Training images: (Y, X), (Z, Y, X) stacks (slice by slice), RGB, or
+        channels on any axis with ``channel_axis``.
     partial : ndarray or list
         Per image, a partial mask (0 = nothing, k = rough inner region of an
         object of class k; objects are its connected regions), or None.
@@ -381,7 +382,7 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
     config : TrainingConfig or str, optional
         Settings or a preset name; default the ``recursive`` preset:
         ``iterations`` iterations of ``steps`` optimiser steps each.
-    n_classes, seed, device, rgb, names, checkpoint, resume, init, **overrides
+    n_classes, seed, device, rgb, names, checkpoint, resume, init, channel_axis, **overrides
         As for :func:`~napari_coarseseg.methods.refineseg.train_refineseg`
         (``init``: a recursive model to start from); the checkpoint is also
         written after every iteration's growth.
@@ -399,7 +400,7 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
         The trained model (the generator's return value).
     """
     config = resolve_config(config, RECURSIVE.preset, overrides)
-    training_images = TrainingImages(images, rgb, names)
+    training_images = TrainingImages(images, rgb, names, channel_axis)
     masks = RecursiveMasks(training_images, partial, strong, separation, n_classes)
     return (yield from RecursiveTraining(training_images, masks, config, seed, device, checkpoint, init).run(resume))
 

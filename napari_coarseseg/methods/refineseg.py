@@ -48,7 +48,7 @@ from ..inference import (
     predict_planes,
     start_prediction,
 )
-from ..losses import edge_aware_smoothness, refineseg_loss
+from ..losses import edge_aware_smoothness, refineseg_loss, trust_pixels
 from ..model_io import Model, ModelFileError
 from ..networks import TransitionHead, UNet
 from ..training import TrainingConfig, resolve_config
@@ -297,6 +297,8 @@ class RefinesegTraining(TrainingLoop):
                  checkpoint=None, init: Model | None = None):
         self.drawings, self.n_classes = drawings, drawings.n_classes
         self.n_positive = len(drawings.positive_targets)
+        # Per plane: pixels whose label was painted after trust_new_strokes() (None: nothing is trusted).
+        self.trusted: list[np.ndarray] | None = None
         super().__init__(images, config, seed, device, checkpoint, init)
         self.training_prior = self.estimated_prior = drawings.training_prior()
         self.annotation_gap = drawings.annotation_gap()
@@ -313,7 +315,27 @@ class RefinesegTraining(TrainingLoop):
         return {"network": network, "heads": heads}
 
     def targets(self):
-        return self.drawings.positive_targets + self.drawings.negative_targets
+        drawn = self.drawings.positive_targets + self.drawings.negative_targets
+        if self.trusted is None:
+            return drawn
+        # The trusted pixels travel with the patches as one more "strategy" (1 trusted, -1 not): they are a
+        # subset of the drawn pixels, so the sampler's drawn-pixel set stays the same.
+        return drawn + [[np.where(mask, 1, -1).astype(np.int16) for mask in self.trusted]]
+
+    def trust_new_strokes(self) -> None:
+        """From now on, drawn pixels whose label differs from the drawings of this moment are exact.
+
+        A live session calls this at its start: strokes painted later are the
+        user's corrections of the preview, drawn where it is wrong. Through a
+        transition head the network can explain such strokes away as
+        annotator noise (on the DSB sample without this, the errors inside
+        corrected regions fell by three quarters within 20 steps and came back
+        within 40 more); a trusted pixel meets ``p`` itself (``q = p``), so the
+        correction holds.
+        """
+        self.first_targets = [[t.copy() for t in strategy] for strategy in self.targets()]
+        self.trusted = [np.zeros(t.shape, bool) for t in self.first_targets[0]]
+        self.retarget(focus_fraction=0.0)
 
     def forward(self, images):
         logits, features = self.network(images)
@@ -322,8 +344,11 @@ class RefinesegTraining(TrainingLoop):
     def loss_terms(self, outputs, targets, images):
         logits, transitions = outputs
         probabilities = torch.softmax(logits.float(), dim=1)
-        # Layers without a head (after the headed ones: positives come first) see the identity.
         transitions = [a.float() for a in transitions]
+        if self.trusted is not None:
+            trusted, targets = targets[-1] >= 0, targets[:-1]
+            transitions = [trust_pixels(a, trusted) for a in transitions]
+        # Layers without a head (after the headed ones: positives come first) see the identity.
         transitions += self._identity_heads(probabilities, len(targets) - len(transitions))
         n, config = self.n_positive, self.config
         terms = refineseg_loss(probabilities, transitions[:n], list(targets[:n]), transitions[n:],
@@ -369,6 +394,10 @@ class RefinesegTraining(TrainingLoop):
                                                                   self.drawings.negative_names):
             raise AnnotationError("the drawing layers of a live session cannot change; stop it and start a new one")
         self.drawings = drawings
+        if self.trusted is not None:
+            self.trusted = [np.any([(new[i] >= 0) & (new[i] != first[i]) for new, first in
+                                    zip(drawings.positive_targets + drawings.negative_targets, self.first_targets,
+                                        strict=True)], axis=0) for i in range(len(self.trusted))]
         self.training_prior = drawings.training_prior()
         self.annotation_gap = drawings.annotation_gap()
         if self.config.prior_strength == "auto":
@@ -416,13 +445,14 @@ class RefinesegTraining(TrainingLoop):
 def train_refineseg(images, positive=(), negative=(), background=(), *, config: TrainingConfig | str | None = None,
                     n_classes: int | None = None, seed: int | None = 0, device="auto", rgb: bool | None = None,
                     names=None, checkpoint=None, resume: bool = False, init: Model | None = None,
-                    **overrides) -> TrainingRun:
+                    channel_axis: int | None = None, **overrides) -> TrainingRun:
     """Train a network from coarse drawings; a generator of :class:`~napari_coarseseg.TrainingEvent`.
 
     Parameters
     ----------
     images : ndarray or list of ndarray
-        Training images: (Y, X), (Z, Y, X) stacks or (Y, X, C) colour.
+        Training images: (Y, X), (Z, Y, X) stacks, (Y, X, C) colour, or
+        channels on any axis with ``channel_axis``.
     positive, negative, background : list
         Drawing layers: positive (0 = not drawn, k = class k), negative
         (k = "not class k"), background (non-zero = background). A layer is
@@ -442,6 +472,11 @@ def train_refineseg(images, positive=(), negative=(), background=(), *, config: 
     init : Model, optional
         Start from this refineseg model's weights (same classes and channels;
         its network width and depth are taken over) instead of at random.
+    channel_axis : int, optional
+        The axis of the images that holds their channels, e.g. 0 for
+        (C, Y, X) or 1 for (Z, C, Y, X); drawings have the images' shape
+        without it. The model records the channel count and predicts images
+        with as many channels (:func:`~napari_coarseseg.predict`).
     **overrides
         Any :class:`~napari_coarseseg.TrainingConfig` field, e.g. ``steps=200``.
 
@@ -469,7 +504,7 @@ def train_refineseg(images, positive=(), negative=(), background=(), *, config: 
     ('refineseg', ['positive 1', 'negative 1'])
     """
     config = resolve_config(config, REFINESEG.preset, overrides)
-    training_images = TrainingImages(images, rgb, names)
+    training_images = TrainingImages(images, rgb, names, channel_axis)
     drawings = RefinesegDrawings(training_images, positive, negative, background, n_classes)
     return (yield from RefinesegTraining(training_images, drawings, config, seed, device, checkpoint, init).run(resume))
 
