@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training steps (per iteration where a method has iterations; default from the preset)")
     train.add_argument("--iterations", type=int,
                        help="iterations K of methods that have them (recursive; default from the preset)")
+    train.add_argument("--slice-context", type=int, metavar="K",
+                       help="stacks, 2.5-D: each slice also sees the K slices above and below it as extra "
+                            "channels (0: slice-wise 2-D; default from the preset: 0); predict reads it from "
+                            "the model")
     train.add_argument("--classes", type=int, help="number of classes K (default: the largest drawn value)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
@@ -314,7 +318,8 @@ def cmd_train(args) -> int:
     out = _output_path(args.out, ".safetensors")
     evolution_path = _output_path(args.evolution) if args.evolution else None
     config = load_preset(args.preset or method.preset)
-    config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every)
+    config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every,
+                            slice_context=args.slice_context)
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
     image_files, images, grids, layers = _load_training_set(args)

@@ -3,7 +3,9 @@
 Images enter as (Y, X), (Z, Y, X), (Y, X, C) or (Z, Y, X, C) NumPy arrays and
 leave as lists of (C, Y, X) float32 planes: stacks are handled slice by slice.
 :class:`TrainingImages` does this once for every method, and checks each
-drawing layer against the image it belongs to.
+drawing layer against the image it belongs to. With a slice context k
+(2.5-D, :func:`with_slice_context`) every plane also carries the k slices
+above and below it as further channels.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "one_per_image",
     "normalize",
     "iter_normalized_planes",
+    "with_slice_context",
+    "iter_slice_context",
     "to_planes",
     "to_slices",
     "PatchSampler",
@@ -65,11 +69,18 @@ class TrainingImages:
         The axis of every image that holds its channels (microscopy: (C, Y, X),
         (Z, C, Y, X)); it is moved to the end, so ``rgb`` is implied. Drawings
         have the images' shape without it. One channel is a grey image.
+    slice_context : int, optional
+        2.5-D: every plane also carries the ``slice_context`` slices above
+        and below it (of its own image) as channels
+        (:func:`with_slice_context`); 0 (the default): slice-wise 2-D. The
+        training loop sets the run's (:meth:`set_slice_context`).
 
     Attributes
     ----------
     planes : list of ndarray
-        (C, Y, X) normalised planes, the slices of all images in order.
+        (C * (2k + 1), Y, X) normalised planes (k the slice context; (C, Y, X)
+        without one), the slices of all images in order. Each image is
+        normalised as a whole before its slices are cut, as in prediction.
     plane_of_image : list of list of int
         Indices into ``planes`` of each image's slices.
     image_shapes : list of tuple
@@ -78,6 +89,9 @@ class TrainingImages:
     channels : int
     channel_axis : int or None
         The ``channel_axis`` given (recorded in the model card).
+    slice_context : int
+    input_channels : int
+        Channels of every plane, what the network takes: ``channels * (2k + 1)``.
     names : list of str
 
     Examples
@@ -86,9 +100,12 @@ class TrainingImages:
     >>> images = TrainingImages([np.zeros((4, 8, 8)), np.ones((8, 8))])
     >>> len(images.planes), images.plane_of_image
     (5, [[0, 1, 2, 3], [4]])
+    >>> images.set_slice_context(1).input_channels, images.planes[0].shape
+    (3, (3, 8, 8))
     """
 
-    def __init__(self, images, rgb: bool | None = None, names=None, channel_axis: int | None = None):
+    def __init__(self, images, rgb: bool | None = None, names=None, channel_axis: int | None = None,
+                 slice_context: int = 0):
         if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
@@ -120,9 +137,35 @@ class TrainingImages:
             self.planes.extend(to_planes(normalize(im, rgb=self.rgb), self.rgb))
             self.plane_of_image.append(list(range(start, len(self.planes))))
             self.image_shapes.append(spatial_shape(im, self.rgb))
+        self.slice_context = 0
+        self.set_slice_context(slice_context)
 
     def __len__(self) -> int:
         return len(self.image_shapes)
+
+    @property
+    def input_channels(self) -> int:
+        return self.channels * (2 * self.slice_context + 1)
+
+    @property
+    def own_channels(self) -> slice:
+        """The channels of ``planes`` that hold a plane's own slice (the middle ones with a slice context)."""
+        return slice(self.slice_context * self.channels, (self.slice_context + 1) * self.channels)
+
+    def set_slice_context(self, k: int) -> "TrainingImages":
+        """Rebuild ``planes`` with ``k`` neighbouring slices on either side (see :func:`with_slice_context`).
+
+        The per-slice planes are not kept beside the context planes: they are
+        the context planes' middle channels (:attr:`own_channels`), so memory
+        grows by the context only.
+        """
+        if k == self.slice_context:
+            return self
+        own = [plane[self.own_channels] for plane in self.planes]
+        self.planes = [plane for indices in self.plane_of_image
+                       for plane in with_slice_context([own[i] for i in indices], k)]
+        self.slice_context = k
+        return self
 
     def check_layer(self, layer, role: str, label: str | None = None) -> list[np.ndarray | None]:
         """One layer validated against every image: an int64 array per image, None where nothing is drawn.
@@ -251,6 +294,93 @@ def to_planes(image: np.ndarray, rgb: bool) -> list[np.ndarray]:
 def to_slices(array: np.ndarray, spatial_ndim: int) -> list[np.ndarray]:
     """Split a (Y, X) or (Z, Y, X) label array into a list of (Y, X) slices."""
     return [array] if spatial_ndim == 2 else list(array)
+
+
+def with_slice_context(planes, k: int, at=None) -> list[np.ndarray]:
+    """Each (C, Y, X) plane of one image with its ``k`` neighbouring slices on either side as extra channels.
+
+    The 2.5-D input: plane ``z`` becomes the (C * (2k + 1), Y, X) array of
+    slices ``z - k, ..., z, ..., z + k`` one after the other, each with its
+    C channels in order, so channel ``(j + k) * C + c`` is channel ``c`` of
+    slice ``z + j`` and the plane's own channels are ``k * C ... (k + 1) * C - 1``.
+    Past either end of the stack the edge slice stands in for the missing
+    ones (replicate), so a one-plane (2-D) image becomes its plane repeated
+    ``2k + 1`` times: a model trained with context also predicts 2-D images.
+
+    Parameters
+    ----------
+    planes : sequence of ndarray
+        The (C, Y, X) planes of one image, in slice order, all of one shape.
+    k : int
+        Slices on either side, >= 0; 0 returns the planes themselves.
+    at : sequence of int, optional
+        Indices of the planes to build (default all): the sliding window of
+        :func:`iter_slice_context` asks for one.
+
+    Returns
+    -------
+    list of ndarray
+        One (C * (2k + 1), Y, X) array per index of ``at``.
+
+    Examples
+    --------
+    >>> planes = [np.full((1, 1, 2), z, dtype=np.float32) for z in range(3)]
+    >>> [p[:, 0, 0].tolist() for p in with_slice_context(planes, 1)]  # ends repeat the edge slice
+    [[0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 2.0]]
+    >>> rgb = [np.arange(2, dtype=np.float32).reshape(2, 1, 1) + 10 * z for z in range(2)]
+    >>> with_slice_context(rgb, 1, at=[0])[0][:, 0, 0].tolist()  # slice-major: (z-1: c0, c1), (z: c0, c1), ...
+    [0.0, 1.0, 0.0, 1.0, 10.0, 11.0]
+    """
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"the slice context must be a whole number >= 0, got {k!r}")
+    if len(planes) == 0:
+        raise ValueError("with_slice_context needs at least one plane")
+    shapes = {np.shape(plane) for plane in planes}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"the planes must be (C, Y, X) arrays of one shape, got shapes {sorted(shapes)}")
+    at = np.arange(len(planes)) if at is None else np.asarray(at, dtype=np.int64)
+    if k == 0:
+        return [planes[i] for i in at]
+    # Row i: the slices plane at[i] sees; clipping the indices to the stack is the edge replication.
+    neighbours = np.clip(at[:, None] + np.arange(-k, k + 1), 0, len(planes) - 1)
+    used = np.unique(neighbours)
+    stack = np.stack([planes[i] for i in used])  # only the slices asked for: a window stays a window
+    context = stack[np.searchsorted(used, neighbours)]  # (len(at), 2k + 1, C, Y, X), one gather
+    return list(context.reshape(len(at), -1, *context.shape[-2:]))
+
+
+def iter_slice_context(planes, k: int):
+    """:func:`with_slice_context` on a stream of one image's planes, holding at most ``2k + 1`` of them.
+
+    Prediction reads lazy stacks one plane at a time
+    (:func:`iter_normalized_planes`); this keeps that bounded: plane ``z`` is
+    yielded once plane ``z + k`` (or the last) has been read, and planes no
+    longer anyone's neighbour are dropped. The results equal
+    ``with_slice_context(list(planes), k)``: a window is cut short only at
+    the ends of the stack, where replication within the window is
+    replication within the stack.
+
+    Examples
+    --------
+    >>> planes = [np.full((1, 1, 1), z, dtype=np.float32) for z in range(4)]
+    >>> [p.ravel().tolist() for p in iter_slice_context(iter(planes), 1)]
+    [[0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 3.0, 3.0]]
+    """
+    if k == 0:
+        yield from planes
+        return
+    window, first, z, read = [], 0, 0, 0  # window holds planes first .. read - 1; z is the next to yield
+    for plane in planes:
+        window.append(plane)
+        read += 1
+        while z + k < read:
+            yield with_slice_context(window, k, at=[z - first])[0]
+            z += 1
+            drop = max(z - k - first, 0)  # plane z - k - 1 is no longer a neighbour of anything to come
+            del window[:drop]
+            first += drop
+    for last in range(z, read):  # the last k planes: the window reaches the end of the stack
+        yield with_slice_context(window, k, at=[last - first])[0]
 
 
 class PatchSampler:

@@ -11,8 +11,9 @@ With ``flips=True`` every tile's maps are the mean over the four mirror
 images of the tile (none, left-right, up-down, both), each mapped back:
 test-time augmentation, four times the work, smoother maps.
 
-Stacks are predicted slice by slice, lazy arrays (dask, zarr, memmap) read
-one slice at a time. The engine knows no method: a method turns the blended
+Stacks are predicted slice by slice (with a model's slice context, each slice
+with its neighbours as channels), lazy arrays (dask, zarr, memmap) read one
+slice at a time. The engine knows no method: a method turns the blended
 maps into labels (``napari_coarseseg.methods``), and
 :func:`napari_coarseseg.predict` picks the method a model was trained with.
 """
@@ -26,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from .annotations import AnnotationError, channels_last, validate_image
-from .data import iter_normalized_planes
+from .data import iter_normalized_planes, iter_slice_context
 from .networks import fold_batch_norm
 from .training import autocast, select_device, use_channels_last
 
@@ -261,10 +262,20 @@ def start_prediction(model, image, device="auto", name: str = "image"):
     The image checked against the model (:func:`check_image_for_model`), the
     device resolved with the model moved there in evaluation mode, and the
     image's (C, Y, X) planes normalised as in training (the card's
-    normalisation), read one at a time.
+    normalisation: the whole image at once), read one at a time; with the
+    card's ``slice_context`` k, each plane with its k neighbouring slices
+    on either side as channels (:func:`~napari_coarseseg.data.iter_slice_context`:
+    at most 2k + 1 normalised planes held at a time).
     """
     image = check_image_for_model(image, model, name)
+    takes = getattr(model.network, "in_channels", model.input_channels)
+    if takes != model.input_channels:
+        # A card edited by hand (or its slice_context dropped): a clear message instead of a convolution error.
+        raise ValueError(f"the model's network takes {takes} input channels but its card says {model.channels} "
+                         f"channel(s) with slice_context {model.slice_context} ({model.input_channels}); the card "
+                         "does not describe this network")
     device = select_device(device)
     model.to(device).eval()
     norm = model.card["normalisation"]
-    return image, device, iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)
+    planes = iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)
+    return image, device, iter_slice_context(planes, model.slice_context)

@@ -27,8 +27,8 @@ from torch import nn
 from ._version import __version__
 from .training import models_dir
 
-__all__ = ["Model", "ModelFileError", "make_card", "save_model", "read_card", "load_weights", "resolve_model_path",
-           "atomic_write", "publish", "list_shipped_models", "FORMAT_VERSION"]
+__all__ = ["Model", "ModelFileError", "make_card", "input_channels", "save_model", "read_card", "load_weights",
+           "resolve_model_path", "atomic_write", "publish", "list_shipped_models", "FORMAT_VERSION"]
 
 FORMAT_NAME = "napari-coarseseg-model"
 FORMAT_VERSION = 1
@@ -75,6 +75,15 @@ class Model:
     def rgb(self) -> bool:
         return bool(self.card.get("rgb", False))
 
+    @property
+    def slice_context(self) -> int:
+        """Neighbouring slices on either side the network sees as channels (0: slice-wise 2-D)."""
+        return int(self.card.get("slice_context", 0))
+
+    @property
+    def input_channels(self) -> int:
+        return input_channels(self.card)
+
     def to(self, device) -> "Model":
         self.network.to(device)
         self.heads.to(device)
@@ -107,6 +116,12 @@ def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: di
     }
     card.update(extra)
     return card
+
+
+def input_channels(card: dict) -> int:
+    """Channels of the network's input: the image's channels times ``2k + 1`` slices (k: the card's
+    ``slice_context``, 0 for cards written before it existed)."""
+    return int(card["channels"]) * (2 * int(card.get("slice_context", 0)) + 1)
 
 
 def _read_umask() -> int:
@@ -173,6 +188,9 @@ def _validate_card(card, path) -> dict:
     for key in ("n_classes", "channels"):
         if not isinstance(card.get(key), int) or card[key] < 1:
             raise ModelFileError(f"{path}: card field {key!r} must be a positive integer, got {card.get(key)!r}")
+    context = card.get("slice_context", 0)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+        raise ModelFileError(f"{path}: card field 'slice_context' must be a whole number >= 0, got {context!r}")
     net = card.get("network")
     if not isinstance(net, dict) or not all(isinstance(net.get(k), int) for k in ("base_channels", "depth")):
         raise ModelFileError(f"{path}: card field 'network' must give integer base_channels and depth")

@@ -15,6 +15,7 @@ import numpy as np
 from .annotations import ROLE_KEY
 
 DSB_NUCLEI = "dsb2018_nuclei"
+EM_VOLUME = "isbi2012_em_volume"
 
 
 def sample_data_dir() -> Path:
@@ -92,3 +93,23 @@ def dsb_nuclei_tiles_layers() -> list[tuple]:
          "labels"),
         (expert, {"name": "expert mask", "visible": False}, "labels"),
     ]
+
+
+def em_volume_layers() -> list[tuple]:
+    """napari sample data: the EM volume (8 x 128 x 128 voxels of 50 x 4 x 4 nm) with scribbles on slices 2 and 5.
+
+    The NIfTI files of ``sample_data/isbi2012_em_volume`` as the reader opens
+    them (voxel size as scale, the file's grid in the metadata, so the layers
+    made from them are saved on it), with the drawings' roles set for the
+    Train widget: strokes on two slices of eight, the normal case of a volume.
+    """
+    from ._nifti_napari import layer_data
+
+    folder = sample_data_dir() / EM_VOLUME
+    image, positive, negative, labels = (layer_data(folder / f"{name}.nii.gz")
+                                         for name in ("image", "positive", "negative", "labels"))
+    image[1]["name"] = "EM volume (ISBI 2012)"
+    for layer, role, opacity in ((positive, "positive", 0.7), (negative, "negative", 0.5)):
+        layer[1].update(name=f"{role} drawing", opacity=opacity, metadata={**layer[1]["metadata"], ROLE_KEY: role})
+    labels[1].update(name="expert mask", visible=False)
+    return [image, (positive[0], positive[1], "labels"), (negative[0], negative[1], "labels"), labels]

@@ -109,6 +109,13 @@ class TrainingConfig:
         the pixels where T2's object probability is at least this fraction
         of the region's highest (0: the whole region), so that touching
         objects whose T2 regions join are two seeds; stored in the model card.
+    slice_context : int
+        Stacks: the slices above and below each plane the network also sees,
+        as extra input channels (2.5-D; :func:`~napari_coarseseg.data.with_slice_context`):
+        0 is slice-wise 2-D, k gives ``C * (2k + 1)`` input channels, the
+        ends of a stack repeating its edge slice. Drawings still supervise
+        their own slice only. Stored in the model card; prediction builds
+        the same context.
     """
 
     steps: int = 300
@@ -139,6 +146,7 @@ class TrainingConfig:
     certain_pixels: bool = False
     prediction_gate: float = 4.0
     prediction_seed_level: float = 0.0
+    slice_context: int = 0
     checkpoint_every: int = 50
 
     def replace(self, **changes) -> "TrainingConfig":
@@ -165,6 +173,9 @@ class TrainingConfig:
         if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0 and self.smoothness_blur >= 0):
             raise ValueError(f"smoothness_weight and smoothness_blur must be >= 0 and smoothness_sigma > 0, got "
                              f"{self.smoothness_weight}, {self.smoothness_blur} and {self.smoothness_sigma}")
+        if not isinstance(self.slice_context, int) or isinstance(self.slice_context, bool) or self.slice_context < 0:
+            raise ValueError(f"slice_context must be a whole number >= 0 (slices on either side), "
+                             f"got {self.slice_context!r}")
         if not 0 <= self.drawn_fraction <= 1:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
         if not self.prediction_gate >= 0:

@@ -132,6 +132,17 @@ def test_tiles_sample_has_partial_masks_everywhere_and_exact_masks_on_one_tile(m
     assert 0.2 < (partial > 0).sum() / (expert > 0).sum() < 0.7
 
 
+def test_volume_sample_opens_the_nifti_files_with_their_spacing_grid_and_roles(manifest):
+    by_key = {s.key: s for s in manifest.contributions.sample_data}
+    commands = {c.id: c for c in manifest.contributions.commands}
+    layers = resolve(commands[by_key["isbi2012_em_volume"].command].python_name)()
+    assert [kind for _, _, kind in layers] == ["image", "labels", "labels", "labels"]
+    assert all(data.shape == (8, 128, 128) and meta["scale"] == pytest.approx((0.05, 0.004, 0.004))
+               and meta["metadata"]["nifti"].shape == (8, 128, 128) for data, meta, _ in layers)
+    assert [meta["metadata"].get(ROLE_KEY) for _, meta, _ in layers] == [None, "positive", "negative", None]
+    drawn = [z for z in range(8) if layers[1][0][z].any() or layers[2][0][z].any()]
+    assert drawn == [2, 5]  # strokes on two slices of eight
+
 def test_as_tiles_rejects_a_ragged_shape():
     with pytest.raises(ValueError, match="not a whole number of 128 x 128 tiles"):
         napari_coarseseg.samples.as_tiles(np.zeros((300, 256)))

@@ -96,7 +96,9 @@ class TrainingLoop:
             shape = {key: value for key, value in init.card.get("network", {}).items()
                      if key in ("base_channels", "depth", "task_levels")}
             config = config.replace(**shape)
-        self.images, self.config, self.seed = images, config, seed
+        # 2.5-D: the planes the network sees carry the run's slice context (a live session's images come
+        # without it).
+        self.images, self.config, self.seed = images.set_slice_context(config.slice_context), config, seed
         self.device = select_device(device)
         self.rng, self.torch_rng = seed_everything(seed)
         self.modules = {name: module.to(self.device) for name, module in self.build_modules().items()}
@@ -210,16 +212,18 @@ class TrainingLoop:
             self.optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
 
     def start_from(self, model: Model) -> None:
-        """Take the weights of a trained ``model`` of the same method, classes and channels (a
-        ``ValueError`` saying which differs otherwise). Its transition heads or other modules come along
+        """Take the weights of a trained ``model`` of the same method, classes, channels and slice context
+        (a ``ValueError`` saying which differs otherwise). Its transition heads or other modules come along
         where this run has the same number of them; new ones start fresh."""
-        card = model.card
-        wanted = {"method": self.method, "n_classes": self.n_classes, "channels": self.images.channels}
+        card = {"slice_context": 0, **model.card}  # cards written before slice contexts: slice-wise 2-D
+        wanted = {"method": self.method, "n_classes": self.n_classes, "channels": self.images.channels,
+                  "slice_context": self.images.slice_context}
         differ = [f"{key} {card.get(key)!r} (this run: {value!r})" for key, value in wanted.items()
                   if card.get(key) != value]
         if differ:
             raise ValueError("the model to start from does not fit this run: its " + ", ".join(differ)
-                             + "; pick a model trained with the same method, classes and channels")
+                             + "; pick a model trained with the same method, classes, channels and "
+                             "slice_context")
         try:
             self.modules["network"].load_state_dict(model.network.state_dict())
         except RuntimeError as error:
@@ -292,7 +296,8 @@ class TrainingLoop:
         """The modules as a :class:`Model` with its card (``seconds`` of training, the last ``losses``)."""
         network, extra, summary = self.card_fields()
         card = make_card(self.method, self.n_classes, self.images.channels, self.images.rgb, network,
-                         patch_size=self.config.patch_size, channel_axis=self.images.channel_axis, **extra,
+                         patch_size=self.config.patch_size, channel_axis=self.images.channel_axis,
+                         slice_context=self.images.slice_context, **extra,
                          training={**summary, "seed": self.seed, "seconds": round(seconds, 2),
                                    "device": describe_device(self.device), "final_losses": losses,
                                    "image_shapes": [list(s) for s in self.images.image_shapes],

@@ -52,7 +52,7 @@ from ..data import TrainingImages
 from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
 from ..levelset import grow_regions, label_regions, separate_objects
 from ..losses import masked_nll
-from ..model_io import Model, ModelFileError
+from ..model_io import Model, ModelFileError, input_channels
 from ..multitask import MultiTaskUNet
 from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
@@ -288,7 +288,7 @@ class RecursiveTraining(TrainingLoop):
 
     def build_modules(self):
         config = self.config
-        network = MultiTaskUNet(self.images.channels, self.n_classes + 1, config.base_channels, config.depth,
+        network = MultiTaskUNet(self.images.input_channels, self.n_classes + 1, config.base_channels, config.depth,
                                 task_levels=min(config.task_levels, config.depth),
                                 separation=self.masks.has_separation)
         return {"network": network}
@@ -538,7 +538,7 @@ def build_model(card: dict) -> Model:
     if network.get("kind") != "multitask":
         raise ModelFileError(f"unknown network kind {network.get('kind')!r} for a recursive model; "
                              "expected 'multitask'")
-    return Model(MultiTaskUNet(card["channels"], card["n_classes"] + 1, int(network["base_channels"]),
+    return Model(MultiTaskUNet(input_channels(card), card["n_classes"] + 1, int(network["base_channels"]),
                                int(network["depth"]), task_levels=int(network.get("task_levels", 2)),
                                separation=bool(network.get("separation", False))), torch.nn.ModuleList(), card)
 

@@ -49,7 +49,7 @@ from ..inference import (
     start_prediction,
 )
 from ..losses import edge_aware_smoothness, refineseg_loss, trust_pixels
-from ..model_io import Model, ModelFileError
+from ..model_io import Model, ModelFileError, input_channels
 from ..networks import TransitionHead, UNet
 from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
@@ -307,7 +307,7 @@ class RefinesegTraining(TrainingLoop):
 
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
-        network = UNet(self.images.channels, n_labels, config.base_channels, config.depth)
+        network = UNet(self.images.input_channels, n_labels, config.base_channels, config.depth)
         n_heads = {"all": self.n_positive + len(self.drawings.negative_targets), "positive": self.n_positive,
                    "none": 0}[config.transition_heads]
         heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
@@ -356,8 +356,9 @@ class RefinesegTraining(TrainingLoop):
                                config.regulariser_on)
         if config.smoothness_weight:
             # On p itself, over every pixel of the patch: the drawn ones and the undrawn band around them.
-            terms["smoothness"] = edge_aware_smoothness(probabilities, images, sigma=config.smoothness_sigma,
-                                                         blur=config.smoothness_blur)
+            # The plane's own slice only: the edges to follow are this slice's, not its neighbours'.
+            terms["smoothness"] = edge_aware_smoothness(probabilities, images[:, self.images.own_channels],
+                                                         sigma=config.smoothness_sigma, blur=config.smoothness_blur)
             terms["total"] = terms["total"] + config.smoothness_weight * terms["smoothness"]
         return terms
 
@@ -571,7 +572,7 @@ def build_model(card: dict) -> Model:
         raise ModelFileError(f"unknown network kind {network.get('kind')!r} for a refineseg model; expected 'unet'")
     heads = nn.ModuleList([TransitionHead(int(network["base_channels"]), n_labels)
                            for _ in range(int(network.get("n_heads", 0)))])
-    unet = UNet(card["channels"], n_labels, int(network["base_channels"]), int(network["depth"]))
+    unet = UNet(input_channels(card), n_labels, int(network["base_channels"]), int(network["depth"]))
     return Model(unet, heads, card)
 
 
