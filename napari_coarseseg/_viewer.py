@@ -9,6 +9,7 @@ user's layers are read once (copied) when a run starts and never written.
 from __future__ import annotations
 
 import gc
+import inspect
 import threading
 from collections.abc import Sequence
 
@@ -191,7 +192,12 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
         takes several), e.g. ``positive=["strokes"], negative=["not"]`` for
         refineseg, ``partial="regions", strong="exact"`` for recursive; every
         other keyword goes to the method's ``train`` (a
-        :class:`TrainingConfig` field, ``checkpoint``, ``resume``).
+        :class:`TrainingConfig` field, ``checkpoint``, ``resume``,
+        ``spacing``). For a method that measures distances (recursive:
+        its level set) the image layer's ``scale`` (its last two axes) is the
+        pixel size ``spacing`` unless one is given: a layer from the NIfTI
+        reader carries the voxel size as its scale. napari's default scale
+        (all 1) means pixels.
 
     Returns
     -------
@@ -211,6 +217,7 @@ def train_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, steps: int |
     try:
         chosen, image_layer, image_data, rgb, given, settings = training_inputs(viewer, image, method,
                                                                                 layers_and_settings)
+        settings = {**layer_spacing(chosen, image_layer), **settings}
         name, shape = image_layer.name, spatial_shape(image_data, rgb)
         layers = {role: [_layer_data(viewer, n, "labels", shape, role) for n in names] for role, names in given.items()}
         generator = chosen.start(image_data, layers, config=preset, seed=seed, device=device, rgb=rgb, names=[name],
@@ -245,6 +252,16 @@ def training_inputs(viewer, image, method: str, layers_and_settings: dict):
     if not given:
         raise ViewerInputError(f"no drawing layer given: pick at least one {' or '.join(chosen.role_names)} layer.")
     return chosen, image_layer, image_data, rgb, given, settings
+
+
+def layer_spacing(method, image_layer) -> dict:
+    """``{"spacing": (sy, sx)}`` from the last two axes of the image layer's scale, for a method whose training
+    measures distances (its ``train`` takes ``spacing``); ``{}`` for other methods and for napari's default scale
+    (all 1: pixels, the result of no spacing)."""
+    scale = tuple(float(s) for s in getattr(image_layer, "scale", ())[-2:])
+    if "spacing" not in inspect.signature(method.train).parameters or all(s == 1.0 for s in scale):
+        return {}
+    return {"spacing": scale}
 
 
 def _training_worker(viewer, work, name: str, shape: tuple, on_event, image_layer=None):

@@ -8,6 +8,10 @@ is written on the grid (affine, header) of its NIfTI image, a NIfTI drawing
 must lie on its image's grid. ``--channel-axis N`` names the axis of the images
 that holds their channels (a 4-D NIfTI, read as (Z, Y, X, C), needs
 ``--channel-axis 3``); drawings and outputs have the images' shape without it.
+Methods that measure distances between pixels (the recursive method's level
+set) take the pixel size: a NIfTI's voxel size from its header automatically,
+a TIFF's from ``--spacing SY,SX`` (or ``Z,Y,X``), which also overrides a
+header's; refineseg measures none and refuses ``--spacing``.
 ``--method`` and the drawing options (``--positive``, ``--partial``, ...) come
 from the method registry (:data:`napari_coarseseg.methods.METHODS`). Errors print one line on stderr
 and exit with status 1 (2 for misuse of the command line, as argparse does);
@@ -64,6 +68,48 @@ def _add_channel_axis(parser, what: str) -> None:
                              "X)), counted in the array as read, negative from the end; drawings and outputs have "
                              "the image's shape without it. A 4-D NIfTI (X, Y, Z, C) is read as (Z, Y, X, C): pass 3 "
                              f"(or -1). {what}")
+
+
+def _add_spacing(parser, what: str) -> None:
+    """The ``--spacing`` option of train and predict."""
+    parser.add_argument("--spacing", metavar="SY,SX",
+                        help="recursive: the pixel size along Y and X, or Z,Y,X (any one unit; Z is not used: "
+                             "stacks are grown slice by slice), so that the level set measures physical distances "
+                             "on non-square pixels. A NIfTI image gives its voxel size automatically (this "
+                             f"overrides it); without either, distances are in pixels. {what}")
+
+
+def parse_spacing(text: str) -> tuple[float, ...]:
+    """``"0.5,1"`` -> (0.5, 1.0): 2 or 3 positive numbers; an ``InputError`` in one line otherwise."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or not all(np.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"--spacing must be 2 or 3 positive numbers separated by commas (SY,SX or Z,Y,X), "
+                         f"got {text!r}")
+    return values
+
+
+def spacing_option(text: str | None, method: str, function, grids: list = (), files: list = ()) -> dict:
+    """``{"spacing": ...}`` for ``function`` (the ``method``'s train or predict) where it takes one (methods that
+    measure distances): ``--spacing`` (``text``) if given, else each NIfTI's voxel size (None for a TIFF); ``{}``
+    when there is none or the method takes none (``--spacing`` is then refused)."""
+    takes = "spacing" in inspect.signature(function).parameters
+    given = parse_spacing(text) if text is not None else None
+    if given is not None and not takes:
+        raise InputError(f"--spacing: the {method} method measures no distances between pixels (no level set); "
+                         "leave --spacing out")
+    if not takes:
+        return {}
+    if given is not None:
+        return {"spacing": given}
+    for grid, file in zip(grids, files, strict=True):
+        if grid is not None and not all(np.isfinite(s) and s > 0 for s in grid.spacing):
+            raise InputError(f"{Path(file).name}: its header gives voxel size {grid.spacing}, not positive numbers; "
+                             "give the pixel size with --spacing SY,SX")
+    spacing = [None if grid is None else grid.spacing for grid in grids]
+    return {} if all(s is None for s in spacing) else {"spacing": spacing}
 
 
 def _add_simulate_parser(sub) -> None:
@@ -159,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from MODEL.checkpoint (same inputs and options); "
                             "--evolution then holds the planes from the resumed part on")
     _add_channel_axis(train, "Default: no channel axis (grey, or colour on a last axis of 3 or 4).")
+    _add_spacing(train, "The model card records it. refineseg measures no distances: refused there.")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pred = sub.add_parser("predict", help="segment images with a trained model")
@@ -178,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="refineseg models: exponent of the class-prior correction (default the model's, 1); "
                            "3 helps sparse scribbles whose background strokes stay far from the objects")
     _add_channel_axis(pred, "The image needs the model's channels, in the order it was trained on.")
+    _add_spacing(pred, "Default for a TIFF: the model card's (the training images' pixel size). Refused for "
+                       "refineseg models.")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled sample image",
@@ -315,6 +364,7 @@ def cmd_train(args) -> int:
     from .training import load_preset, run_to_end
 
     method = get_method(args.method)
+    spacing_option(args.spacing, method.name, method.train)  # a bad --spacing is refused before any file is read
     out = _output_path(args.out, ".safetensors")
     evolution_path = _output_path(args.evolution) if args.evolution else None
     config = load_preset(args.preset or method.preset)
@@ -323,6 +373,7 @@ def cmd_train(args) -> int:
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
     image_files, images, grids, layers = _load_training_set(args)
+    spacing = spacing_option(args.spacing, method.name, method.train, grids, image_files)
     init = _initial_model(args.init, method) if args.init else None
     if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
         raise InputError("--evolution needs a folder when training on a folder of images")
@@ -348,7 +399,7 @@ def cmd_train(args) -> int:
     try:
         training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
                                 device=args.device, names=[p.name for p in image_files],
-                                checkpoint=checkpoint_path(out), resume=args.resume, **channels,
+                                checkpoint=checkpoint_path(out), resume=args.resume, **channels, **spacing,
                                 **({"init": init} if init is not None else {}))
         model = run_to_end(training, collect)
     finally:
@@ -369,6 +420,8 @@ def cmd_predict(args) -> int:
     from .methods import predict
 
     model = load_model(args.model)
+    predict_function = get_method(model.method).predict
+    spacing_option(args.spacing, model.method, predict_function)  # a bad --spacing is refused before any image is read
     options = {}
     if args.prior_strength is not None:
         # Only methods whose predict takes a prior strength (refineseg's) accept the flag.
@@ -399,9 +452,14 @@ def cmd_predict(args) -> int:
         for file, target in tqdm(list(zip(image_files, targets, strict=True)), desc="predicting", unit="image",
                                  disable=args.quiet or None):
             image, grid = read_image(file, args.channel_axis)
+            # The image's own pixel size (--spacing, or a NIfTI's, the one entry of the per-image list); a TIFF
+            # without --spacing gets none here, and the method takes the card's.
+            spacing = {key: value[0] if isinstance(value, list) else value
+                       for key, value in spacing_option(args.spacing, model.method, predict_function, [grid],
+                                                        [file]).items()}
             prediction = predict(model, image, device=args.device, name=file.name,
                                  keep_probabilities=bool(args.probabilities), flips=args.flips,
-                                 channel_axis=args.channel_axis, **options)
+                                 channel_axis=args.channel_axis, **options, **spacing)
             stage(staged, target, prediction.labels, grid)
             # Probabilities have the classes first: in a NIfTI, on the fourth axis.
             if args.probabilities:

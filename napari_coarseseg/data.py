@@ -22,10 +22,13 @@ from .annotations import (
     validate_drawing,
     validate_image,
 )
+from .levelset import check_spacing
 
 __all__ = [
     "TrainingImages",
     "one_per_image",
+    "in_plane_spacing",
+    "spacing_per_image",
     "normalize",
     "iter_normalized_planes",
     "with_slice_context",
@@ -54,6 +57,45 @@ def one_per_image(layer, n_images: int, role: str) -> list:
     return per_image
 
 
+def in_plane_spacing(spacing) -> tuple[float, float] | None:
+    """The in-plane pixel size (sy, sx) of a (sy, sx) or (sz, sy, sx) voxel size; None stays None.
+
+    Stacks are handled slice by slice, so only the last two sizes (Y, X) are
+    used; Z is dropped. ``ValueError`` in one line unless the sizes are 2 or 3
+    positive finite numbers.
+
+    Examples
+    --------
+    >>> in_plane_spacing((50.0, 4.0, 4.0))
+    (4.0, 4.0)
+    """
+    if spacing is None:
+        return None
+    try:
+        values = np.asarray(spacing, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.array([])  # not numbers: refused below with the value as given
+    if values.ndim != 1 or values.size not in (2, 3):
+        raise ValueError(f"spacing must be 2 numbers (sy, sx) or 3 (sz, sy, sx), got {spacing!r}")
+    if not (np.isfinite(values) & (values > 0)).all():
+        raise ValueError(f"spacing must be positive finite numbers, (sy, sx) or (sz, sy, sx), got {spacing!r}")
+    return check_spacing(values[-2:])
+
+
+def spacing_per_image(spacing, n_images: int) -> list[tuple[float, float] | None]:
+    """One in-plane pixel size (or None) per image from ``spacing``: None, one voxel size for all images, or
+    a list with one voxel size (or None) per image (:func:`in_plane_spacing` each)."""
+    if spacing is None:
+        return [None] * n_images
+    per_image = isinstance(spacing, (list, tuple)) and any(s is None or np.ndim(s) == 1 for s in spacing)
+    if not per_image:
+        return [in_plane_spacing(spacing)] * n_images
+    if len(spacing) != n_images:
+        raise ValueError(f"{len(spacing)} spacings for {n_images} images; give one spacing for all images or one "
+                         "per image (None where an image has none)")
+    return [in_plane_spacing(s) for s in spacing]
+
+
 class TrainingImages:
     """The training images of a run: validated, normalised, cut into (C, Y, X) planes.
 
@@ -74,6 +116,11 @@ class TrainingImages:
         and below it (of its own image) as channels
         (:func:`with_slice_context`); 0 (the default): slice-wise 2-D. The
         training loop sets the run's (:meth:`set_slice_context`).
+    spacing : sequence, optional
+        Pixel size of the images, for the methods that measure distances (the
+        recursive method's level set): one (sy, sx) or (sz, sy, sx) for all
+        images, or a list of one (or None) per image; only (sy, sx) is kept
+        (:func:`in_plane_spacing`). Default None: distances in pixels.
 
     Attributes
     ----------
@@ -93,6 +140,10 @@ class TrainingImages:
     input_channels : int
         Channels of every plane, what the network takes: ``channels * (2k + 1)``.
     names : list of str
+    spacing : list of tuple or None
+        Per image, its in-plane pixel size (sy, sx), or None.
+    plane_spacing : list of tuple or None
+        Per plane (the order of ``planes``), its image's (sy, sx) or None.
 
     Examples
     --------
@@ -105,11 +156,12 @@ class TrainingImages:
     """
 
     def __init__(self, images, rgb: bool | None = None, names=None, channel_axis: int | None = None,
-                 slice_context: int = 0):
+                 slice_context: int = 0, spacing=None):
         if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
             raise AnnotationError("no training image was given")
+        self.spacing = spacing_per_image(spacing, len(images))
         self.names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         if len(self.names) != len(images):
             raise AnnotationError(f"{len(self.names)} names for {len(images)} images; give one name per image.")
@@ -142,6 +194,10 @@ class TrainingImages:
 
     def __len__(self) -> int:
         return len(self.image_shapes)
+
+    @property
+    def plane_spacing(self) -> list[tuple[float, float] | None]:
+        return [self.spacing[i] for i, planes in enumerate(self.plane_of_image) for _ in planes]
 
     @property
     def input_channels(self) -> int:

@@ -30,6 +30,18 @@ Everything is a distance transform per class, one nearest-neighbour query
 per image and two grey-level filters per class; there is no Python loop over
 objects or pixels.
 
+Physical distances. The distances of the rule, d(i, B) and d(i, S), are in
+pixels by default. With ``spacing=(sy, sx)`` (the pixel size along Y and X,
+in any unit: :func:`check_spacing`) they are physical: a step along Y counts
+``sy``, along X ``sx``, so on anisotropic pixels (sy != sx) a region grows
+as far in microns (or mm) along Y as along X, not as far in pixels. The rule
+compares two distances, so it is scale-invariant: one spacing for both axes,
+(s, s), gives exactly the result of no spacing (:func:`grow_regions` is
+scale-invariant; only the ratio sy / sx matters). What stays in pixels: the
+gap of :func:`separate_objects` (``width`` px, Chebyshev: a 1 px line is the
+least that keeps two objects apart on the pixel grid, whatever the pixel
+size), and the connectivity of :func:`label_regions`.
+
 References
 ----------
 .. [1] R. Ke et al., "Multi-task deep learning for image segmentation using
@@ -43,7 +55,44 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-__all__ = ["grow_regions", "label_regions", "separate_objects"]
+__all__ = ["grow_regions", "label_regions", "separate_objects", "check_spacing"]
+
+
+def check_spacing(spacing) -> tuple[float, float] | None:
+    """A pixel size ``(sy, sx)`` checked: two positive finite numbers (``None`` stays ``None``: pixels).
+
+    Parameters
+    ----------
+    spacing : sequence of 2 float, or None
+        Size of a pixel along Y and along X, in any one unit (micron, mm).
+
+    Returns
+    -------
+    tuple of 2 float, or None
+
+    Raises
+    ------
+    ValueError
+        One line naming the value, if it is not two positive finite numbers.
+
+    Examples
+    --------
+    >>> check_spacing([0.5, 1])
+    (0.5, 1.0)
+    >>> check_spacing((0.5, 0))
+    Traceback (most recent call last):
+    ...
+    ValueError: spacing must be two positive finite numbers (sy, sx), got (0.5, 0)
+    """
+    if spacing is None:
+        return None
+    try:
+        values = np.asarray(spacing, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.array([np.nan])  # not numbers: refused below with the value as given
+    if values.shape != (2,) or not (np.isfinite(values) & (values > 0)).all():
+        raise ValueError(f"spacing must be two positive finite numbers (sy, sx), got {spacing!r}")
+    return float(values[0]), float(values[1])
 
 
 def label_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,13 +123,32 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return objects, np.asarray(classes, dtype=np.int64)
 
 
-def _distance_to_other_class(prediction: np.ndarray) -> np.ndarray:
-    """d(i, B): for every pixel of class k > 0, the distance to the nearest pixel not of class k."""
+def _distance_to_other_class(prediction: np.ndarray, spacing=None) -> np.ndarray:
+    """d(i, B): for every pixel of class k > 0, the distance (physical with ``spacing``) to the nearest pixel not
+    of class k."""
     distance = np.zeros(prediction.shape, dtype=np.float64)
     for k in np.unique(prediction[prediction > 0]):
         inside = prediction == k
-        distance[inside] = ndi.distance_transform_edt(inside)[inside]
+        distance[inside] = ndi.distance_transform_edt(inside, sampling=spacing)[inside]
     return distance
+
+
+def _nearest_seeds(seeds, active, owned, components, spacing):
+    """For every ``owned`` pixel (y, x), d(i, S) to the ``active`` seed pixels of its own component and the id of
+    the nearest one: one nearest-neighbour query in (y * sy, x * sx, component * far), where "far" exceeds any
+    distance in the image, so that other components' seeds never win.
+
+    Only the rim of the active seeds can be nearest to an outside pixel, for any (sy, sx): from an inner seed
+    pixel, its 4-neighbour towards the query pixel is a seed pixel and strictly closer.
+    """
+    scale = np.ones(2) if spacing is None else np.asarray(spacing)
+    rim = active & ~ndi.binary_erosion(active)
+    far = float(np.dot(seeds.shape, scale)) * 4
+    rim_points = np.column_stack([*(np.nonzero(rim) * scale[:, None]), components[rim] * far])
+    ys, xs = np.nonzero(owned)
+    query_points = np.column_stack([ys * scale[0], xs * scale[1], components[owned] * far])
+    distance, index = cKDTree(rim_points).query(query_points)
+    return ys, xs, distance, seeds[rim][index]
 
 
 def grow_regions(
@@ -88,6 +156,7 @@ def grow_regions(
     seed_classes: np.ndarray,
     prediction: np.ndarray,
     epsilon: float,
+    spacing=None,
 ) -> np.ndarray:
     """One level-set growth of the approximation regions towards the prediction.
 
@@ -104,6 +173,11 @@ def grow_regions(
     epsilon : float
         Growth speed, >= 0. 0 keeps the regions; a large value fills every
         component of F that holds a seed.
+    spacing : sequence of 2 float, optional
+        Pixel size (sy, sx): d(i, B) and d(i, S) are physical distances
+        (see the module docstring). Default None: pixels, as (1, 1). The
+        result depends on the ratio sy / sx only: (s, s) gives the result
+        of no spacing.
 
     Returns
     -------
@@ -127,6 +201,18 @@ def grow_regions(
     array([0, 0, 0, 1, 1, 1, 0, 0, 0])
     >>> grow_regions(seeds, np.array([0, 1]), prediction, epsilon=100.0)[0]
     array([0, 1, 1, 1, 1, 1, 1, 1, 0])
+
+    Pixels twice as tall as wide (sy = 2, sx = 1) in a bar 5 px wide: d(i, B)
+    is 3 at most (to the bar's sides, along X), while d(i, S) along the bar
+    grows by 2 per pixel instead of 1, so the region reaches 1 px up and down
+    instead of 3 (3 units either way):
+
+    >>> prediction = np.zeros((13, 7), int); prediction[1:12, 1:6] = 1
+    >>> seeds = np.zeros((13, 7), int); seeds[6, 3] = 1
+    >>> grow_regions(seeds, np.array([0, 1]), prediction, epsilon=1.0)[:, 3]
+    array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    >>> grow_regions(seeds, np.array([0, 1]), prediction, epsilon=1.0, spacing=(2.0, 1.0))[:, 3]
+    array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])
     """
     seeds = np.asarray(seeds)
     prediction = np.asarray(prediction)
@@ -139,10 +225,11 @@ def grow_regions(
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
     if seeds.size and seeds.max() >= len(seed_classes):
         raise ValueError(f"seeds hold id {seeds.max()} but seed_classes has only {len(seed_classes)} entries")
+    spacing = check_spacing(spacing)
     if epsilon == 0 or not seeds.any() or not prediction.any():
         return seeds.copy()
 
-    distance_to_background = _distance_to_other_class(prediction)
+    distance_to_background = _distance_to_other_class(prediction, spacing)
     components, _ = label_regions(prediction)
     # Active seed pixels: those inside a component of their own class. A seed
     # owns the components it overlaps; seed pixels elsewhere grow nothing.
@@ -152,18 +239,7 @@ def grow_regions(
     if not owned.any():
         return seeds.copy()
 
-    # d(i, S) to the seeds of i's own component, for every pixel at once: a
-    # nearest-neighbour query in (y, x, component * far), where "far" exceeds
-    # any distance in the image, so that other components' seeds never win.
-    # Only the rim of the active seeds can be nearest to an outside pixel.
-    rim = active & ~ndi.binary_erosion(active)
-    far = float(sum(seeds.shape)) * 4
-    rim_points = np.column_stack([*np.nonzero(rim), components[rim] * far])
-    ys, xs = np.nonzero(owned)
-    query_points = np.column_stack([ys, xs, components[owned] * far])
-    distance_to_seeds, index = cKDTree(rim_points).query(query_points)
-    nearest = seeds[rim][index]
-
+    ys, xs, distance_to_seeds, nearest = _nearest_seeds(seeds, active, owned, components, spacing)
     grows = epsilon * distance_to_background[owned] >= distance_to_seeds
     grown = seeds.copy()
     grown[ys[grows], xs[grows]] = nearest[grows]

@@ -643,3 +643,37 @@ def test_train_init_starts_from_the_model_and_refuses_another_method_or_a_missin
     code, out, err = run(capsys, "train", *common, "--out", tmp_path / "m.safetensors", "--init", tmp_path / "none")
     assert_one_line_error(code, out, err, "train", "--init")
     assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("spacing, words", [
+    ("0,1", ["--spacing", "positive numbers", "'0,1'"]),
+    ("-1,1", ["--spacing", "'-1,1'"]),
+    ("nan,1", ["--spacing", "'nan,1'"]),
+    ("1", ["--spacing", "SY,SX or Z,Y,X", "'1'"]),
+    ("1,2,3,4", ["--spacing", "'1,2,3,4'"]),
+    ("a,b", ["--spacing", "'a,b'"]),
+])
+def test_train_recursive_refuses_a_bad_spacing_in_one_line_and_writes_nothing(spacing, words, data, simulated,
+                                                                              tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    code, out, err = run(capsys, "train", data["image"], "--method", "recursive", "--partial",
+                         simulated / "partial.tif", "--strong", data["labels"], "--out", work / "m.safetensors",
+                         "--evolution", work / "evolution.tif", "--preset", data["preset"],
+                         f"--spacing={spacing}", "--device", "cpu")
+    assert code == 1
+    assert_one_line_error(code, out, err, "train", *words)
+    assert files_under(work) == set()
+
+
+def test_spacing_is_refused_for_refineseg_which_measures_no_distances(data, simulated, trained, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    code, out, err = run(capsys, "train", data["image"], "--positive", simulated / "positive.tif", "--negative",
+                         simulated / "negative.tif", "--out", work / "m.safetensors", "--preset", data["preset"],
+                         "--spacing", "0.5,1", "--device", "cpu")
+    assert_one_line_error(code, out, err, "train", "--spacing", "refineseg", "no level set")
+    code, out, err = run(capsys, "predict", trained["model"], data["image"], "--out", work / "p.tif",
+                         "--spacing", "0.5,1", "--device", "cpu")
+    assert_one_line_error(code, out, err, "predict", "--spacing", "refineseg")
+    assert files_under(work) == set()

@@ -197,6 +197,64 @@ def test_separate_objects_on_the_real_image_separates_every_touching_pair():
     assert (separated > 0).sum() >= 0.98 * (grown > 0).sum()
 
 
+def bar():
+    """F: a bar 5 px wide (X) and 11 px tall (Y); S: its middle pixel (6, 3)."""
+    prediction = np.zeros((13, 7), np.int64)
+    prediction[1:12, 1:6] = 1
+    seeds = np.zeros((13, 7), np.int64)
+    seeds[6, 3] = 1
+    return seeds, np.array([0, 1]), prediction
+
+
+def test_spacing_changes_which_pixels_join_by_hand():
+    """eps = 1 in the bar; d(i, B) <= 3 (to the sides, along X) everywhere near the seed.
+
+    In pixels (1, 1): (6 +- k, 3) joins while 3 >= k, k <= 3; (5, 2): 2 >= sqrt(2), joins; (4, 2): 2 < sqrt(5).
+    Pixels 2 units tall (2, 1): the same rows are 2 units apart, (6 +- k, 3) joins while 3 >= 2k, k <= 1; (6, 4)
+    is 1 unit away as before (d_B = 2 >= 1); (5, 4): d_S = sqrt(4 + 1) = 2.24 > d_B = 2. (7, 3) and (6, 4) are
+    one pixel from the seed both, but 2 and 1 units: only with the spacing does that tell them apart.
+    """
+    seeds, classes, prediction = bar()
+    in_pixels = np.zeros((13, 7), np.int64)
+    in_pixels[3:10, 3] = 1
+    in_pixels[5:8, 2:5] = 1
+    anisotropic = np.zeros((13, 7), np.int64)
+    anisotropic[5:8, 3] = 1
+    anisotropic[6, 2:5] = 1
+    np.testing.assert_array_equal(grow_regions(seeds, classes, prediction, 1.0), in_pixels)
+    assert (in_pixels > 0).sum() == 13 and (anisotropic > 0).sum() == 5
+    np.testing.assert_array_equal(grow_regions(seeds, classes, prediction, 1.0, spacing=(2.0, 1.0)), anisotropic)
+    # only the ratio sy / sx counts: 1 x 0.5 micron pixels give the same
+    np.testing.assert_array_equal(grow_regions(seeds, classes, prediction, 1.0, spacing=(1.0, 0.5)), anisotropic)
+    # the bar along X with pixels 2 units wide: the same result, transposed
+    np.testing.assert_array_equal(grow_regions(seeds.T, classes, prediction.T, 1.0, spacing=(1.0, 2.0)),
+                                  anisotropic.T)
+
+
+def test_spacing_one_equals_no_spacing_and_one_scale_for_both_axes_changes_nothing(two_discs):
+    """grow_regions compares two distances, so it is scale-invariant: (s, s) gives the result of no spacing,
+    exactly (a power of two scales every distance without rounding), here on 125 real nuclei grown far."""
+    _, instances = load_dsb_nuclei()
+    inner = ndi.binary_erosion(instances > 0, iterations=3) * (instances > 0)
+    seeds, classes = label_regions(inner.astype(np.int64))
+    prediction = (instances > 0).astype(np.int64)
+    for epsilon in (0.3, 1.0):
+        plain = grow_regions(seeds, classes, prediction, epsilon)
+        assert (plain > 0).sum() > (seeds > 0).sum()
+        for spacing in ((1, 1), (2.0, 2.0), (0.25, 0.25)):
+            np.testing.assert_array_equal(grow_regions(seeds, classes, prediction, epsilon, spacing=spacing), plain)
+    seeds, classes, prediction = two_discs
+    np.testing.assert_array_equal(grow_regions(seeds, classes, prediction, 0.5, spacing=[4, 4]),
+                                  grow_regions(seeds, classes, prediction, 0.5))
+
+
+@pytest.mark.parametrize("spacing", [(0, 1), (1, -2), (np.nan, 1), (1, np.inf), (1,), (1, 2, 3), "ab"])
+def test_bad_spacing_is_refused_before_any_work(spacing):
+    seeds, classes, prediction = bar()
+    with pytest.raises(ValueError, match=r"spacing must be two positive finite numbers \(sy, sx\), got"):
+        grow_regions(seeds, classes, prediction, 1.0, spacing=spacing)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

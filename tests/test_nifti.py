@@ -239,6 +239,42 @@ def test_train_on_folders_of_niftis_matched_by_name(preset, tmp_path, capsys):
     assert files_under(tmp_path) == before
 
 
+def test_train_recursive_on_a_nifti_takes_its_in_plane_voxel_size_and_the_card_records_it(preset, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """Voxels 3 x 0.5 x 1 mm (Z, Y, X): the card records [0.5, 1.0] (Y, X) without any option; --spacing
+    overrides the header; the same volume as TIFFs records null; predict grows each slice with the NIfTI's."""
+    from napari_coarseseg.annotations import simulate
+    from napari_coarseseg.methods import recursive
+
+    yy, xx = np.mgrid[:48, :48]
+    mask = (((yy - 24) / 2) ** 2 + (xx - 24) ** 2 <= 100).astype(np.uint8)  # a disc in mm: an ellipse in pixels
+    volume = np.stack([mask, mask])
+    arrays = {"image": (20 + 100 * volume + np.random.default_rng(0).normal(0, 5, volume.shape)).astype(np.float32),
+              "partial": simulate(volume, seed=0).partial, "strong": np.stack([mask, 0 * mask])}
+    grid = grid_info(volume.shape, spacing=(3.0, 0.5, 1.0), units="mm")
+    nifti = {name: write_nifti(tmp_path / f"{name}.nii.gz", array, like=grid) for name, array in arrays.items()}
+    tiff = {name: tmp_path / f"{name}.tif" for name in arrays}
+    for name, array in arrays.items():
+        tifffile.imwrite(tiff[name], array)
+    settings = ["--method", "recursive", "--preset", preset, "--steps", 1, "--iterations", 1, "--device", "cpu",
+                "--quiet"]
+    for name, files, extra, expected in (("nifti", nifti, [], [0.5, 1.0]),
+                                         ("override", nifti, ["--spacing", "9,2,1"], [2.0, 1.0]),
+                                         ("tiff", tiff, [], None)):
+        code, _, err = run(capsys, "train", files["image"], "--partial", files["partial"], "--strong",
+                           files["strong"], *settings, "--out", tmp_path / f"{name}.safetensors", *extra)
+        assert code == 0, err
+        assert read_card(tmp_path / f"{name}.safetensors")["spacing"] == expected
+    seen = []
+    original = recursive.grow_regions
+    monkeypatch.setattr(recursive, "grow_regions", lambda *a, spacing=None: seen.append(spacing) or original(
+        *a, spacing=spacing))
+    code, _, err = run(capsys, "predict", tmp_path / "tiff.safetensors", nifti["image"], "--out",
+                       tmp_path / "prediction.nii.gz", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert seen == [(0.5, 1.0), (0.5, 1.0)]  # one growth per slice, with the file's in-plane voxel size
+
+
 def bad_input(case: str, folder: Path) -> tuple[dict, list[str]]:
     """Arguments replacing the good ones (image, positive), and the words the one-line error must contain."""
     image = nib.load(SAMPLE / "image.nii.gz")

@@ -331,3 +331,98 @@ def test_prediction_seeds_keep_every_region():
 def test_card_holds_the_prediction_seed_level(recursive_run):
     model, _ = recursive_run
     assert model.card["prediction_seed_level"] == load_preset("recursive").prediction_seed_level
+
+
+# --------------------------------------------------------------------------- pixel size (spacing)
+
+
+def bar_and_seed():
+    """F: a bar 5 px wide (X), 11 px tall (Y); the partial mask: its middle pixel (6, 3)."""
+    bar = np.zeros((13, 7), np.int64)
+    bar[1:12, 1:6] = 1
+    seed = np.zeros((13, 7), np.int64)
+    seed[6, 3] = 1
+    return bar, seed
+
+
+def test_each_plane_grows_with_its_images_pixel_size():
+    """A stack with voxels of 5 x 2 x 1 (Z, Y, X) and a 2-D image without a pixel size, one iteration (eps 1)
+    into the bar (tests/test_levelset.py computes both growths by hand): in pixels the seed becomes 13 pixels
+    (3 rows up and down), on the stack's planes 5 (1 row: a row is 2 units). The reach of the objects
+    (measured on the stack's exact mask) is physical too: corner (1, 1) to (6, 3) is sqrt(10^2 + 2^2)."""
+    bar, seed = bar_and_seed()
+    images = TrainingImages([np.zeros((2, 13, 7), np.float32), np.zeros((13, 7), np.float32)],
+                            spacing=[(5.0, 2.0, 1.0), None])
+    assert images.plane_spacing == [(2.0, 1.0), (2.0, 1.0), None]
+    masks = RecursiveMasks(images, [np.stack([seed, seed]), seed], [np.stack([bar, 0 * bar]), None])
+    assert masks.object_reach() == pytest.approx(np.sqrt(104))  # 5.39 = sqrt(5^2 + 2^2) in pixels
+    assert masks.grow([bar, bar, bar], epsilon=1.0) == 4 + 4 + 12
+    anisotropic = np.zeros((13, 7), np.int64)
+    anisotropic[5:8, 3] = anisotropic[6, 2:5] = 1
+    in_pixels = np.zeros((13, 7), np.int64)
+    in_pixels[3:10, 3] = in_pixels[5:8, 2:5] = 1
+    for plane, expected in zip(masks.seeds, [anisotropic, anisotropic, in_pixels], strict=True):
+        np.testing.assert_array_equal(plane, expected)
+
+
+def test_final_growth_measures_the_gate_and_the_growth_physically():
+    """gate 2 px, eps 1e6 (fill F within the gate). In pixels: |dy|, |dx| with dy^2 + dx^2 <= 4, 13 pixels.
+    Pixels 2 units tall: the gate is 2 px times the larger size, 4 units: (2 dy)^2 + dx^2 <= 16 gives rows
+    6 +- 1 across the whole bar (|dx| <= 2 < sqrt(12)) and (4, 3), (8, 3): 17 pixels. The same in units of 2 x 2
+    is the result in pixels."""
+    bar, seed = bar_and_seed()
+    in_pixels = final_growth(bar, seed, epsilon=1e6, gate=2)
+    anisotropic = final_growth(bar, seed, epsilon=1e6, gate=2, spacing=(2.0, 1.0))
+    assert in_pixels.sum() == 13 and anisotropic.sum() == 17
+    np.testing.assert_array_equal(anisotropic[5:8], bar[5:8])
+    np.testing.assert_array_equal(anisotropic[[4, 8]].nonzero()[1], [3, 3])
+    np.testing.assert_array_equal(final_growth(bar, seed, epsilon=1e6, gate=2, spacing=(2.0, 2.0)), in_pixels)
+
+
+def test_training_grows_with_the_spacing_and_the_card_records_it(partial_discs, monkeypatch, tmp_path):
+    """A voxel size (sz, sy, sx) for all images: every level-set call of the run gets (sy, sx), the card records
+    it, prediction takes the card's unless given another; cards without it predict in pixels."""
+    from napari_coarseseg.methods import recursive
+
+    image, mask, partial = partial_discs
+    seen = []
+
+    def spy(*arguments, spacing=None):
+        seen.append(spacing)
+        return original(*arguments, spacing=spacing)
+
+    original = recursive.grow_regions
+    monkeypatch.setattr(recursive, "grow_regions", spy)
+    settings = dict(TINY, steps=2, iterations=2)
+    model = run_to_end(train_recursive([image, image], [partial, partial], [mask, None], seed=0,
+                                       spacing=(3.0, 2.0, 1.0), **settings))
+    assert seen == [(2.0, 1.0)] * 4  # 2 iterations x 2 images
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors"))
+    assert loaded.card["spacing"] == [2.0, 1.0]
+    seen.clear()
+    predict(loaded, image, device="cpu")
+    predict(loaded, image, device="cpu", spacing=(1, 1))
+    del loaded.card["spacing"]  # a card from before the field
+    predict(loaded, image, device="cpu")
+    assert seen == [(2.0, 1.0), (1.0, 1.0), None]
+    # one pixel size per image: the card lists them, and prediction without one measures in pixels
+    mixed = run_to_end(train_recursive([image, image], [partial, partial], [mask, None], seed=0,
+                                       spacing=[(2.0, 1.0), None], **dict(settings, iterations=1)))
+    assert mixed.card["spacing"] == [[2.0, 1.0], None]
+    seen.clear()
+    predict(mixed, image, device="cpu")
+    assert seen == [None]
+    plain = run_to_end(train_recursive(image, partial, mask, seed=0, **dict(settings, iterations=1)))
+    assert plain.card["spacing"] is None
+
+
+@pytest.mark.parametrize("spacing, words", [
+    ((0, 1), "positive finite"), ((1, -2), "positive finite"), ((float("nan"), 1), "positive finite"),
+    ((1,), "2 numbers"), ((1, 2, 3, 4), "2 numbers"), ([(1, 1), (1, 1), (1, 1)], "3 spacings for 2 images"),
+])
+def test_a_bad_spacing_is_refused_before_training(partial_discs, spacing, words):
+    image, mask, partial = partial_discs
+    run = train_recursive([image, image], [partial, partial], [mask, None], spacing=spacing, **TINY)
+    with pytest.raises(ValueError, match="spacing") as error:
+        next(run)
+    assert words in str(error.value) and len(str(error.value).splitlines()) == 1

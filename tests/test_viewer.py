@@ -82,6 +82,30 @@ def test_recursive_training_evolution_has_k_plus_one_planes(drawn_viewer, qtbot,
     assert "discs annotation reliability" not in viewer.layers
 
 
+def test_recursive_training_takes_the_image_layers_scale_as_pixel_size(drawn_viewer, qtbot, errors):
+    """A layer with scale (Y 2, X 1), as the NIfTI reader gives anisotropic voxels: the recursive run measures its
+    level set with (2, 1) and the card records it; refineseg measures no distances and gets none; napari's default
+    scale (1, 1) means pixels."""
+    from types import SimpleNamespace
+
+    from napari_coarseseg._viewer import layer_spacing
+    from napari_coarseseg.methods import get_method
+
+    viewer = drawn_viewer
+    for name in ("discs", "partial", "exact"):
+        viewer.layers[name].scale = (2.0, 1.0)
+    worker = train_in_viewer(viewer, "discs", method="recursive", partial="partial", strong="exact", steps=2,
+                             iterations=1, start=False, **TINY)
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        worker.start()
+    assert errors == []
+    assert worker.model.card["spacing"] == [2.0, 1.0]
+    volume = SimpleNamespace(scale=(50.0, 4.0, 8.0))
+    assert layer_spacing(get_method("recursive"), volume) == {"spacing": (4.0, 8.0)}
+    assert layer_spacing(get_method("refineseg"), volume) == {}
+    assert layer_spacing(get_method("recursive"), SimpleNamespace(scale=(1.0, 1.0))) == {}
+
+
 def test_cancel_stops_within_seconds_and_leaves_the_viewer_consistent(drawn_viewer, qtbot, errors):
     viewer = drawn_viewer
     before = snapshot(viewer)

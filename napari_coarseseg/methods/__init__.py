@@ -139,8 +139,9 @@ def predict(model: Model, image, device="auto", tile_size: int = TILE_SIZE, over
     **options
         Options of the model's method: ``prior_correction`` (refineseg,
         default True) and ``prior_strength`` (refineseg, default from the
-        card), ``epsilon``, ``gate`` and ``seed_level`` (recursive; default
-        from the card).
+        card), ``epsilon``, ``gate``, ``seed_level`` and ``spacing`` (recursive;
+        default from the card; ``spacing`` is the image's pixel size, see
+        :func:`~napari_coarseseg.methods.recursive.predict_recursive`).
 
     Returns
     -------

@@ -32,6 +32,16 @@ With a single exact tile T1 otherwise sees one tile's background only and can
 call most of an unseen tile foreground; ``benchmarks/recursive.py`` measures
 the effect.
 
+Pixel size (``spacing``): on anisotropic pixels (sy != sx) every distance
+here is physical, measured with the pixel size (sy, sx) of each training
+image (the level set, :func:`~napari_coarseseg.levelset.grow_regions`; the
+reach of objects and the certain background; the prediction's gate). The
+lengths set in pixels (the certain background's 2 px margin, the prediction's
+``prediction_gate``) become that many times the larger pixel size: at least
+that many pixels along either axis. The gap between objects stays 1 px. With
+square pixels nothing changes. The model card records the spacing of the
+training images (``spacing``); prediction uses the caller's, else the card's.
+
 References
 ----------
 .. [1] R. Ke et al., "Multi-task deep learning for image segmentation using
@@ -48,9 +58,9 @@ from scipy.ndimage import label as connected_components
 from scipy.ndimage import maximum as ndi_maximum
 
 from ..annotations import AnnotationError, label_dtype
-from ..data import TrainingImages
+from ..data import TrainingImages, in_plane_spacing
 from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
-from ..levelset import grow_regions, label_regions, separate_objects
+from ..levelset import check_spacing, grow_regions, label_regions, separate_objects
 from ..losses import masked_nll
 from ..model_io import Model, ModelFileError, input_channels
 from ..multitask import MultiTaskUNet
@@ -58,8 +68,8 @@ from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method
 
-__all__ = ["train_recursive", "predict_recursive", "final_growth", "prediction_seeds", "RecursiveMasks",
-           "RecursiveTraining", "RECURSIVE"]
+__all__ = ["train_recursive", "predict_recursive", "final_growth", "prediction_seeds", "physical_length",
+           "RecursiveMasks", "RecursiveTraining", "RECURSIVE"]
 
 # Share of every batch drawn from the strongly labelled planes (those patches
 # also train T2 where they carry partial masks), so that T1 sees its few exact
@@ -72,6 +82,12 @@ STRONG_SHARE = 0.75
 # prediction. Without it the nearest-seed split leaves touching objects touching, and their class map reads
 # as one region; 1 px is the least that separates them (benchmarks/realdata.py counts the merges).
 OBJECT_GAP = 1
+
+
+def physical_length(pixels: float, spacing) -> float:
+    """A length set in pixels as a physical length: ``pixels`` times the larger pixel size (at least that many
+    pixels along either axis); ``pixels`` itself without a spacing."""
+    return pixels if spacing is None else pixels * max(spacing)
 
 
 class RecursiveMasks:
@@ -169,17 +185,18 @@ class RecursiveMasks:
 
         The largest distance from a pixel of an exactly masked object that
         holds a partial region to the nearest partial region (objects without
-        one say nothing); None when no plane carries both masks.
+        one say nothing), physical where the plane has a pixel size; None
+        when no plane carries both masks.
         """
         reaches = []
-        for strong, seeds in zip(self.strong, self.seeds, strict=True):
+        for strong, seeds, spacing in zip(self.strong, self.seeds, self.images.plane_spacing, strict=True):
             if strong is None or seeds is None:
                 continue
             objects, _ = connected_components(strong > 0)
             seeded = np.isin(objects, np.unique(objects[seeds > 0]))
             seeded &= objects > 0
             if seeded.any():
-                reaches.append(float(distance_transform_edt(seeds == 0)[seeded].max()))
+                reaches.append(float(distance_transform_edt(seeds == 0, sampling=spacing)[seeded].max()))
         return max(reaches) if reaches else None
 
     def certain_target(self, plane: int, reach: float, margin: float = 2.0) -> np.ndarray | None:
@@ -188,12 +205,16 @@ class RecursiveMasks:
         Inside a partial region: its class. Farther than ``reach + margin``
         from every region: background, as long as every object carries a
         partial region (the method's input contract). Elsewhere -1: the
-        boundaries stay what the exact masks teach.
+        boundaries stay what the exact masks teach. With a pixel size the
+        distances are physical (as ``reach``, :meth:`object_reach`) and
+        ``margin`` (px) is :func:`physical_length`.
         """
         if self.seeds[plane] is None or self.strong[plane] is not None:
             return None
+        spacing = self.images.plane_spacing[plane]
         target = np.full(self.seeds[plane].shape, -1, dtype=np.int64)
-        target[distance_transform_edt(self.seeds[plane] == 0) > reach + margin] = 0
+        distance = distance_transform_edt(self.seeds[plane] == 0, sampling=spacing)
+        target[distance > reach + physical_length(margin, spacing)] = 0
         inside = self.seeds[plane] > 0
         target[inside] = self.seed_classes[plane][self.seeds[plane]][inside]
         return target
@@ -229,10 +250,12 @@ class RecursiveMasks:
         return tasks
 
     def grow(self, foreground: list[np.ndarray], epsilon: float) -> int:
-        """The recursive update: every approximation grows towards T1's foreground; return the pixels added."""
+        """The recursive update: every approximation grows towards T1's foreground (distances physical where the
+        plane has a pixel size); return the pixels added."""
         added = 0
+        spacing = self.images.plane_spacing
         for i in self.seeded_planes:
-            grown = grow_regions(self.seeds[i], self.seed_classes[i], foreground[i], epsilon)
+            grown = grow_regions(self.seeds[i], self.seed_classes[i], foreground[i], epsilon, spacing=spacing[i])
             added += int((grown != self.seeds[i]).sum())
             self.seeds[i] = grown
         return added
@@ -352,16 +375,26 @@ class RecursiveTraining(TrainingLoop):
         network = {"kind": "multitask", "base_channels": config.base_channels, "depth": config.depth,
                    "task_levels": self.network.task_levels, "separation": self.masks.has_separation}
         extra = {"epsilon_predict": config.epsilon_predict, "prediction_gate": config.prediction_gate,
-                 "prediction_seed_level": config.prediction_seed_level}
+                 "prediction_seed_level": config.prediction_seed_level, "spacing": card_spacing(self.images.spacing)}
         summary = {"iterations": config.iterations, "steps_per_iteration": config.steps,
                    "pixels_added_per_iteration": list(self.pixels_added)}
         return network, extra, summary
 
 
+def card_spacing(spacing: list) -> list | None:
+    """The card's ``spacing``: [sy, sx] when every image has that pixel size, None when none has one, else one
+    [sy, sx] (or None) per image."""
+    if all(s is None for s in spacing):
+        return None
+    if len(set(spacing)) == 1:
+        return list(spacing[0])
+    return [None if s is None else list(s) for s in spacing]
+
+
 def train_recursive(images, partial, strong=None, separation=None, *, config: TrainingConfig | str | None = None,
                     n_classes: int | None = None, seed: int | None = 0, device="auto", rgb: bool | None = None,
                     names=None, checkpoint=None, resume: bool = False, init: Model | None = None,
-                    channel_axis: int | None = None, **overrides) -> TrainingRun:
+                    channel_axis: int | None = None, spacing=None, **overrides) -> TrainingRun:
     """Train the multi-task network of the recursive method; a generator of progress events.
 
     Parameters
@@ -386,6 +419,12 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
         As for :func:`~napari_coarseseg.methods.refineseg.train_refineseg`
         (``init``: a recursive model to start from); the checkpoint is also
         written after every iteration's growth.
+    spacing : sequence, optional
+        Pixel size: one (sy, sx) for all images, or one per image (None where
+        an image has none); a voxel size (sz, sy, sx), e.g. a NIfTI's, is
+        taken too and its last two used (stacks are grown slice by slice).
+        The level set then measures physical distances (see the module
+        docstring); the card records it (``spacing``). Default None: pixels.
 
     Yields
     ------
@@ -400,7 +439,7 @@ def train_recursive(images, partial, strong=None, separation=None, *, config: Tr
         The trained model (the generator's return value).
     """
     config = resolve_config(config, RECURSIVE.preset, overrides)
-    training_images = TrainingImages(images, rgb, names, channel_axis)
+    training_images = TrainingImages(images, rgb, names, channel_axis, spacing=spacing)
     masks = RecursiveMasks(training_images, partial, strong, separation, n_classes)
     return (yield from RecursiveTraining(training_images, masks, config, seed, device, checkpoint, init).run(resume))
 
@@ -436,7 +475,8 @@ def prediction_seeds(regions: np.ndarray, probability: np.ndarray | None, level:
 
 
 def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, gate: float,
-                 gap: int = OBJECT_GAP, probability: np.ndarray | None = None, seed_level: float = 0.0) -> np.ndarray:
+                 gap: int = OBJECT_GAP, probability: np.ndarray | None = None, seed_level: float = 0.0,
+                 spacing=None) -> np.ndarray:
     """The prediction's last growth: T2's regions grow into T1's foreground near them, apart from each other.
 
     Parameters
@@ -465,6 +505,10 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, ga
         :func:`prediction_seeds` (probability, seed_level), not from the
         whole regions; 0 (the default) keeps them whole. The gate stays
         measured from the whole regions.
+    spacing : sequence of 2 float, optional
+        Pixel size (sy, sx): the growth measures physical distances and the
+        gate is ``gate`` times the larger pixel size (:func:`physical_length`);
+        ``gap`` stays in pixels. Default None: pixels.
 
     Returns
     -------
@@ -481,16 +525,17 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, ga
     >>> final_growth(foreground, regions, epsilon=100.0, gate=2)[0]
     array([0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0])
     """
+    spacing = check_spacing(spacing)
     seeds, seed_classes = label_regions(prediction_seeds(regions, probability, seed_level))
-    near = distance_transform_edt(regions == 0) <= gate
-    grown = grow_regions(seeds, seed_classes, np.where(near, foreground, 0), epsilon)
+    near = distance_transform_edt(regions == 0, sampling=spacing) <= physical_length(gate, spacing)
+    grown = grow_regions(seeds, seed_classes, np.where(near, foreground, 0), epsilon, spacing=spacing)
     return seed_classes[separate_objects(grown, gap, keep=seeds > 0, object_classes=seed_classes)]
 
 
 def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
                       flips: bool = False, epsilon: float | None = None, gate: float | None = None,
-                      seed_level: float | None = None) -> Prediction:
+                      seed_level: float | None = None, spacing=None) -> Prediction:
     """Segment an image with a recursive-method model.
 
     T1 gives the foreground F and T2 the approximation regions; one last
@@ -502,7 +547,10 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_
     times the region's highest (:func:`prediction_seeds`). Components of F that
     hold no region are left out; touching objects of one class stay
     ``OBJECT_GAP`` px apart, so the connected regions of ``labels`` are the
-    objects. The other
+    objects. ``spacing``, the image's pixel size ((sy, sx) or (sz, sy, sx),
+    the last two used), makes that growth measure physical distances
+    (:func:`final_growth`); default the card's ``spacing`` when it is one
+    pair (the training images' pixel size), else pixels. The other
     parameters are those of :func:`napari_coarseseg.predict`.
 
     Returns
@@ -511,6 +559,7 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_
         ``labels`` the grown classes, ``probabilities`` T1's class
         probabilities, ``reliability`` None.
     """
+    spacing = in_plane_spacing(spacing if spacing is not None else _card_pair(model.card.get("spacing")))
     image, device, planes = start_prediction(model, image, device, name)
     epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
     # Models written before the gate was a setting used 4 px.
@@ -525,11 +574,19 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_
         regions = approximation.argmax(0)
         probability = np.take_along_axis(approximation, regions[None], 0)[0]
         grown = final_growth(_foreground(probabilities, interface), regions, epsilon, gate,
-                             probability=probability, seed_level=seed_level)
+                             probability=probability, seed_level=seed_level, spacing=spacing)
         labels.append(grown.astype(label_dtype(model.n_classes)))
         if keep_probabilities:
             segmentation.append(probabilities)
     return assemble_planes(image, model, labels, segmentation or None)
+
+
+def _card_pair(spacing):
+    """A card's ``spacing`` when it is one [sy, sx] pair (cards before it, or of runs on images of different or no
+    pixel size, give None)."""
+    if isinstance(spacing, list) and len(spacing) == 2 and all(isinstance(s, (int, float)) for s in spacing):
+        return spacing
+    return None
 
 
 def build_model(card: dict) -> Model:

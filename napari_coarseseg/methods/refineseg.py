@@ -481,6 +481,14 @@ def train_refineseg(images, positive=(), negative=(), background=(), *, config: 
     **overrides
         Any :class:`~napari_coarseseg.TrainingConfig` field, e.g. ``steps=200``.
 
+    Notes
+    -----
+    No ``spacing`` (pixel size), unlike
+    :func:`~napari_coarseseg.methods.recursive.train_recursive`: this method
+    has no level set and learns per pixel, so it measures no distance that a
+    pixel size would change (the prior's annotation gap is a length in pixels,
+    as its presets are). The command line and napari pass none to it.
+
     Yields
     ------
     TrainingEvent
