@@ -353,3 +353,23 @@ def test_smoothness_term_is_added_with_its_weight(discs, disc_drawings):
     assert torch.allclose(totals[2.5]["total"], totals[0.0]["total"] + 2.5 * expected)
     with pytest.raises(ValueError, match="smoothness"):
         load_preset("refineseg").replace(smoothness_sigma=0).validate()
+
+
+def test_patches_of_a_volume_drawn_on_some_slices_come_from_those_slices_only():
+    # Strokes on slices 1 and 3 of 5: no patch is spent on a slice with nothing in the loss, the uniform ones too.
+    from napari_coarseseg.data import PatchSampler
+
+    planes = [np.zeros((1, 40, 40), np.float32) for _ in range(5)]
+    target = np.full((5, 40, 40), -1)
+    target[1, 10:12, 10:30] = 1
+    target[3, 30, 5:9] = 0
+    sampler = PatchSampler(planes, [list(target)], 16, drawn_fraction=0.5, rng=np.random.default_rng(0))
+    centres = sampler.centres(2000)
+    assert set(np.unique(centres[:, 0])) == {1, 3}
+    # Half the centres are uniform over the two drawn slices (half each), half on drawn pixels (40 on slice 1, 4
+    # on slice 3): slice 3 expects 0.5 * 0.5 + 0.5 * 4 / 44 = 0.295 of them (0.5 * 0.2 = 0.1 if uniform ones went
+    # to all five slices).
+    on_three = (centres[:, 0] == 3).mean()
+    assert 0.26 < on_three < 0.33, on_three
+    undrawn = PatchSampler(planes, [[np.full((40, 40), -1)] * 5], 16, 0.5, np.random.default_rng(0))
+    assert set(np.unique(undrawn.centres(500)[:, 0])) == {0, 1, 2, 3, 4}  # nothing drawn: every slice
