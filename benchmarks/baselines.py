@@ -105,11 +105,12 @@ def feature_seconds(image, sigma_max: float = 16) -> float:
 
 
 def random_forest_fit(train_images, train_labels, seed=0, n_estimators=50, max_depth=10, sigma_max=16,
-                      max_samples=0.05):
+                      max_samples=0.05, n_jobs=-1):
     """Fit scikit-image-style trainable segmentation on drawn pixels; returns the fitted forest.
 
     ``train_labels`` use scikit-image's convention: 0 = unlabelled, 1 =
-    background, 2 = foreground (class k is k + 1).
+    background, 2 = foreground (class k is k + 1). ``n_jobs``: the forest's
+    threads for fitting and predicting (-1: every core).
     """
     from sklearn.ensemble import RandomForestClassifier
 
@@ -118,7 +119,7 @@ def random_forest_fit(train_images, train_labels, seed=0, n_estimators=50, max_d
         drawn = labels > 0
         xs.append(forest_features(image, sigma_max)[drawn])
         ys.append(labels[drawn])
-    forest = RandomForestClassifier(n_estimators=n_estimators, n_jobs=-1, max_depth=max_depth,
+    forest = RandomForestClassifier(n_estimators=n_estimators, n_jobs=n_jobs, max_depth=max_depth,
                                     max_samples=max_samples, random_state=seed)
     forest.fit(np.concatenate(xs), np.concatenate(ys))
     forest.sigma_max = sigma_max

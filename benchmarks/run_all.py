@@ -10,6 +10,8 @@ Runs, one after the other (each alone on the machine, so timings are clean):
    ``realdata.py run`` (scribbles on the nuclei and the EM stack, every method and variant, 3 seeds; the
    runs already in ``realdata_runs.json`` are kept, so a first full run takes several hours on 2 cores);
    ``heads.py`` (what the heads and the network learn from a 4 px biased annotator, about 3 minutes);
+   ``volume.py run`` (the 30-slice EM volume drawn on 5 slices: refineseg with and without heads, the forest
+   and naive training, 3 seeds, about 40 minutes on 2 cores; runs already in ``volume_runs.json`` are kept);
 6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes).
 
 Then writes ``results.json`` (every script's JSON under its name) and
@@ -48,6 +50,7 @@ BENCHMARKS = {
     "heads": ("heads.py", [], "What the transition heads learn from a biased annotator"),
     "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
     "live": ("live.py", [], "Live sessions"),
+    "volume": ("volume.py", ["run", "--settings", "preset", "no heads"], "Volumes"),
 }
 
 

@@ -6,6 +6,10 @@ Everything here is sized for a small shared CPU: 64 x 64 images, U-Nets of
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +162,16 @@ def drawn_viewer(make_napari_viewer, discs, disc_drawings):
     viewer.add_labels(disc_drawings.partial.copy(), name="partial")
     viewer.add_labels(mask.astype(np.uint8), name="exact")
     return viewer
+
+
+@pytest.fixture
+def import_benchmark(monkeypatch):
+    """``import_benchmark(name)`` imports a script of benchmarks/ (not a package) as a module; the test's
+    imports of benchmark modules are forgotten afterwards, so each test reads them afresh."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    before = set(sys.modules)
+    yield importlib.import_module
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    for name in set(sys.modules) - before:
+        if Path(getattr(sys.modules[name], "__file__", None) or "").parent == benchmarks:
+            sys.modules.pop(name, None)

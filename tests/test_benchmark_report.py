@@ -71,11 +71,8 @@ def test_every_figure_block_of_the_readme_names_a_benchmark_run_all_runs(run_all
 
 
 @pytest.fixture
-def realdata(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    yield importlib.import_module("realdata")
-    for name in ("realdata", "report", "baselines"):
-        sys.modules.pop(name, None)
+def realdata(import_benchmark):
+    return import_benchmark("realdata")
 
 
 def test_realdata_chooses_each_variant_on_validation_never_on_test(realdata):
