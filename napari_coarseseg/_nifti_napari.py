@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import is_nifti
-from .nifti import NiftiInfo, grid_info, read_nifti, write_nifti
+from .nifti import NiftiInfo, _nibabel, grid_info, read_nifti, write_nifti
 
 __all__ = ["NIFTI_KEY", "get_reader", "read_layers", "write_labels", "derived_layer_kwargs"]
 
@@ -56,14 +56,34 @@ def get_reader(path):
     return read_layers if paths and all(is_nifti(p) for p in paths) else None
 
 
+def _has_channels(path) -> bool:
+    """Whether the file has a fourth axis of length > 1 (X, Y, Z, C): read from the header, not the voxels."""
+    shape = tuple(_nibabel().load(str(path)).shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return len(shape) == 4
+
+
 def layer_data(path) -> tuple:
-    """One NIfTI file as a napari layer data tuple ``(array, attributes, "image" or "labels")``."""
+    """One NIfTI file as a napari layer data tuple ``(array, attributes, "image" or "labels")``.
+
+    A 4-D file (X, Y, Z, C) opens as one grey image layer per channel
+    (napari's ``channel_axis``), each on the file's 3-D grid: the layers the
+    Train and Predict widgets take as "more channels".
+    """
+    channels = _has_channels(path)
     # NaN voxels are shown; training and prediction refuse them with their own message.
-    array, info = read_nifti(path, check_finite=False)
-    labels = info.header.get_intent()[0] == "label" and array.dtype.kind in "biu"
+    array, info = read_nifti(path, check_finite=False, channels=channels)
     name = Path(path).name
-    attributes = {"name": name[: -len(".nii.gz")] if name.lower().endswith(".gz") else Path(name).stem,
-                  "scale": info.spacing, "metadata": {NIFTI_KEY: info}}
+    name = name[: -len(".nii.gz")] if name.lower().endswith(".gz") else Path(name).stem
+    if channels:
+        n = array.shape[-1]
+        # Per-channel lists: a bare 3-value scale with 3 channels would be ambiguous to napari.
+        return array, {"channel_axis": 3, "name": [f"{name} [{c}]" for c in range(n)],
+                       "scale": [info.spacing] * n, "metadata": [{NIFTI_KEY: info} for _ in range(n)],
+                       "colormap": ["gray"] * n, "blending": ["additive"] * n}, "image"
+    labels = info.header.get_intent()[0] == "label" and array.dtype.kind in "biu"
+    attributes = {"name": name, "scale": info.spacing, "metadata": {NIFTI_KEY: info}}
     if not labels:
         attributes["colormap"] = "gray"
     return array, attributes, "labels" if labels else "image"

@@ -434,3 +434,23 @@ def test_training_on_the_volume_sample_shows_its_evolution_in_3d(make_napari_vie
     undrawn = [0, 1, 3, 4, 6, 7]
     agreement = ((evolution.data[2] > 0) == truth)[undrawn].mean()
     assert agreement > 0.75 and "EM volume (ISBI 2012) prediction" in viewer.layers, agreement
+
+
+@pytest.mark.gui
+def test_napari_opens_a_4d_nifti_as_one_layer_per_channel_on_its_grid(make_napari_viewer, tmp_path):
+    pytest.importorskip("napari")
+    from napari_coarseseg._viewer import image_input
+
+    scan = tmp_path / "two-stains.nii.gz"
+    voxels = np.random.default_rng(0).random((16, 12, 5, 3)).astype(np.float32)  # (X, Y, Z, C)
+    nib.save(nib.Nifti1Image(voxels, np.diag([0.5, 0.7, 3.0, 1.0])), scan)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(scan), plugin="napari-coarseseg")
+    assert [layer.name for layer in layers] == ["two-stains [0]", "two-stains [1]", "two-stains [2]"]
+    assert all(type(layer).__name__ == "Image" and layer.data.shape == (5, 12, 16)
+               and tuple(layer.scale) == pytest.approx((3.0, 0.7, 0.5))
+               and layer.metadata[NIFTI_KEY].shape == (5, 12, 16) for layer in layers)
+    # As "more channels" of the first, they are the array the command line reads with --channel-axis 3.
+    first, stacked, has_channels = image_input(viewer, [layer.name for layer in layers])
+    assert first is layers[0] and has_channels
+    np.testing.assert_array_equal(stacked, read_nifti(scan, channels=True)[0])
