@@ -396,7 +396,9 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
     name = image_layer.name
 
     def work():
-        labels = predict(model, image_data, device=device, name=name, keep_probabilities=False).labels
+        # A recursive model grows its masks by the level set: in the layer's pixel size (else the card's).
+        spacing = layer_spacing(get_method(model.card["method"]), image_layer)
+        labels = predict(model, image_data, device=device, name=name, keep_probabilities=False, **spacing).labels
         if instances:
             from skimage.measure import label
 

@@ -82,10 +82,10 @@ def test_recursive_training_evolution_has_k_plus_one_planes(drawn_viewer, qtbot,
     assert "discs annotation reliability" not in viewer.layers
 
 
-def test_recursive_training_takes_the_image_layers_scale_as_pixel_size(drawn_viewer, qtbot, errors):
+def test_recursive_training_takes_the_image_layers_scale_as_pixel_size(drawn_viewer, qtbot, errors, monkeypatch):
     """A layer with scale (Y 2, X 1), as the NIfTI reader gives anisotropic voxels: the recursive run measures its
-    level set with (2, 1) and the card records it; refineseg measures no distances and gets none; napari's default
-    scale (1, 1) means pixels."""
+    level set with (2, 1) and the card records it, and prediction uses the scale of the layer it predicts;
+    refineseg measures no distances and gets none; napari's default scale (1, 1) means pixels."""
     from types import SimpleNamespace
 
     from napari_coarseseg._viewer import layer_spacing
@@ -100,6 +100,18 @@ def test_recursive_training_takes_the_image_layers_scale_as_pixel_size(drawn_vie
         worker.start()
     assert errors == []
     assert worker.model.card["spacing"] == [2.0, 1.0]
+    # Prediction grows the masks in the pixel size of the layer it predicts (the card's where the scale is 1).
+    import napari_coarseseg._viewer as glue
+
+    asked = []
+    monkeypatch.setattr(glue, "predict", lambda *args, **kwargs: asked.append(kwargs) or predict(*args, **kwargs))
+    model = worker.model
+    for scale in ((3.0, 1.0), (1.0, 1.0)):
+        viewer.layers["discs"].scale = scale
+        worker = predict_in_viewer(viewer, model, "discs", device="cpu", start=False)
+        with qtbot.waitSignal(worker.finished, timeout=60_000):
+            worker.start()
+    assert asked[0]["spacing"] == (3.0, 1.0) and "spacing" not in asked[1] and errors == []
     volume = SimpleNamespace(scale=(50.0, 4.0, 8.0))
     assert layer_spacing(get_method("recursive"), volume) == {"spacing": (4.0, 8.0)}
     assert layer_spacing(get_method("refineseg"), volume) == {}
