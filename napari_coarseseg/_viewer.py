@@ -397,7 +397,7 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
 
     def work():
         # A recursive model grows its masks by the level set: in the layer's pixel size (else the card's).
-        spacing = layer_spacing(get_method(model.card["method"]), image_layer)
+        spacing = layer_spacing(get_method(model.method), image_layer)
         labels = predict(model, image_data, device=device, name=name, keep_probabilities=False, **spacing).labels
         if instances:
             from skimage.measure import label

@@ -168,10 +168,10 @@ def drawn_viewer(make_napari_viewer, discs, disc_drawings):
 def import_benchmark(monkeypatch):
     """``import_benchmark(name)`` imports a script of benchmarks/ (not a package) as a module; the test's
     imports of benchmark modules are forgotten afterwards, so each test reads them afresh."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
     before = set(sys.modules)
     yield importlib.import_module
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     for name in set(sys.modules) - before:
         if Path(getattr(sys.modules[name], "__file__", None) or "").parent == benchmarks:
             sys.modules.pop(name, None)
