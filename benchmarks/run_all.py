@@ -50,7 +50,10 @@ BENCHMARKS = {
     "heads": ("heads.py", [], "What the transition heads learn from a biased annotator"),
     "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
     "live": ("live.py", [], "Live sessions"),
-    "volume": ("volume.py", ["run", "--settings", "preset", "no heads"], "Volumes"),
+    "volume": ("volume.py", ["run", "--settings", "preset", "no heads", "preset per slice", "no heads per slice"],
+               "Volumes"),
+    "distributed_predict": ("distributed_predict.py", ["--shape", "8,1024,1024"],
+                            "Distributed prediction of a zarr volume"),
 }
 
 

@@ -23,7 +23,9 @@ Methods (the same strokes):
 - ``refineseg``: this package with its defaults (the ``refineseg`` preset),
   trained on the whole volume and its stroke volumes at once, as a user does
   (``--settings``: ``preset``, and ``no heads``, the same without transition
-  heads, ``realdata.py``'s control (a)); ``--variant`` picks the network:
+  heads, ``realdata.py``'s control (a); ``... per slice``: the same with
+  each slice normalised on its own, as the forest's features are);
+  ``--variant`` picks the network:
   today only ``slicewise-2d`` (the 2-D U-Net on the stack slice by slice);
   2.5-D and 3-D networks plug into ``NETWORK_VARIANTS``;
 - ``naive``: the same network with dense cross-entropy, each drawn slice's
@@ -103,10 +105,14 @@ FOREST_VARIANTS = {
 }
 METHODS = ("refineseg", "random forest", "naive")
 # RefineSeg's settings: its defaults, and the same without transition heads (realdata.py's control (a), which the
-# README recommends for thin boundaries such as membranes).
-REFINESEG_SETTINGS = {"preset": {}, "no heads": {"transition_heads": "none"}}
+# README recommends for thin boundaries such as membranes); each also with every slice normalised on its own
+# (normalisation="slice"), as the forest's features and realdata.py's EM split (one image per slice) always were:
+# the sections' brightness drifts (slice medians 101-146 of 255).
+REFINESEG_SETTINGS = {"preset": {}, "no heads": {"transition_heads": "none"},
+                      "preset per slice": {"normalisation": "slice"},
+                      "no heads per slice": {"transition_heads": "none", "normalisation": "slice"}}
 # The rows of the report: (method, setting); None: the setting with the best validation Dice.
-ROWS = (("refineseg", "preset"), ("refineseg", "no heads"), ("naive", None), ("random forest", None))
+ROWS = (*(("refineseg", name) for name in REFINESEG_SETTINGS), ("naive", None), ("random forest", None))
 
 
 @lru_cache(maxsize=None)

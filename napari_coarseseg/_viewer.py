@@ -20,6 +20,7 @@ from napari.utils.notifications import show_error, show_info
 
 from ._nifti_napari import derived_layer_kwargs
 from .annotations import AnnotationError, is_lazy, spatial_shape
+from .blockwise import BlockwisePrediction
 from .inference import check_image_for_model, move_channels_for_model
 from .methods import DEFAULT_METHOD, check_roles, drawing_roles, get_method, load_model, predict
 from .model_io import Model, ModelFileError
@@ -390,15 +391,23 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
         if len(_names(image)) > 1:  # channel layers, stacked last: as many as the model's (one is a grey image)
             image_data = move_channels_for_model(image_data, model, -1, repr(image_layer.name))
         check_image_for_model(image_data, model, repr(image_layer.name))  # before any thread starts
+        # A dask, zarr or memmap layer goes block by block (the same labels as predict): napari's progress bar
+        # counts the blocks, and the worker can stop between two of them.
+        blocks = (BlockwisePrediction(model, image_data, device=device, name=image_layer.name,
+                                      **layer_spacing(get_method(model.method), image_layer))
+                  if is_lazy(image_data) else None)
     except (ViewerInputError, ModelFileError, OSError, ValueError) as error:
         show_error(f"Cannot predict: {error}")
         return None
     name = image_layer.name
 
     def work():
-        # A recursive model grows its masks by the level set: in the layer's pixel size (else the card's).
-        spacing = layer_spacing(get_method(model.method), image_layer)
-        labels = predict(model, image_data, device=device, name=name, keep_probabilities=False, **spacing).labels
+        if blocks is not None:
+            labels = (yield from blocks.run()).labels
+        else:
+            # A recursive model grows its masks by the level set: in the layer's pixel size (else the card's).
+            spacing = layer_spacing(get_method(model.method), image_layer)
+            labels = predict(model, image_data, device=device, name=name, keep_probabilities=False, **spacing).labels
         if instances:
             from skimage.measure import label
 
@@ -406,7 +415,8 @@ def predict_in_viewer(viewer, model, image, device: str = "auto", instances: boo
             labels = label(labels, background=0).astype(np.uint32)
         return labels
 
-    worker = thread_worker(work, start_thread=False, ignore_errors=True)()
+    progress = None if blocks is None else {"total": blocks.steps, "desc": f"Predicting {name}"}
+    worker = thread_worker(work, start_thread=False, ignore_errors=True, progress=progress)()
     worker.returned.connect(lambda labels: _replace_layer(viewer, prediction_layer_name(name), labels, "labels",
                                                           **derived_layer_kwargs(image_layer, labels.ndim)))
     worker.errored.connect(lambda error: show_error(f"Prediction failed: {error}"))

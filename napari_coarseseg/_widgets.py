@@ -136,6 +136,60 @@ class MoreChannels(QListWidget):
         return [first or "", *more] if more else first or ""
 
 
+class TrainSettings(QWidget):
+    """How long to train, and how a stack is seen: steps, iterations, slice context, normalisation per slice.
+
+    The values come from the chosen preset (:meth:`show_preset`); the stack
+    rows are enabled for stacks only (:meth:`follow_image`). :meth:`settings`
+    gives what the viewer functions take as keywords.
+    """
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1_000_000)
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 1000)
+        self.slice_context = QSpinBox()
+        self.slice_context.setRange(0, 8)
+        self.slice_context.setToolTip("Stacks, 2.5-D: each slice also sees this many slices above and below it "
+                                      "(0: slice by slice). Predicting needs the same.")
+        self.each_slice = QCheckBox("normalise each slice on its own")
+        self.each_slice.setToolTip("For sections imaged one by one, whose brightness changes from slice to slice "
+                                   "(not for CT or MRI volumes, whose intensities mean the same on every slice).")
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow("steps", self.steps)
+        form.addRow("iterations", self.iterations)
+        form.addRow("slice context", self.slice_context)
+        form.addRow("", self.each_slice)
+        self.follow_image(None)
+
+    def show_preset(self, config, method) -> None:
+        """Take the values of a preset's ``config``; iterations only for a method that has them."""
+        self.steps.setValue(config.steps)
+        self.iterations.setValue(config.iterations)
+        self.iterations.setEnabled("iterations" in method.length)
+        self.slice_context.setValue(config.slice_context)
+        self.each_slice.setChecked(config.normalisation == "slice")
+
+    def follow_image(self, layer) -> None:
+        """Enable the stack rows for an image layer with slices (neither a plane nor one colour plane)."""
+        stack = layer is not None and layer.data.ndim - (1 if getattr(layer, "rgb", False) else 0) >= 3
+        self.slice_context.setEnabled(stack)
+        self.each_slice.setEnabled(stack)
+
+    def settings(self, method, lengths: bool = True) -> dict:
+        """Keywords for ``train_in_viewer``: the method's lengths, and the stack settings (alone for
+        ``live_in_viewer``, ``lengths=False``: a live session goes on until stopped)."""
+        chosen = {"steps": self.steps.value(), "iterations": self.iterations.value()} if lengths else {}
+        chosen = {setting: value for setting, value in chosen.items() if setting in method.length}
+        if self.slice_context.isEnabled():
+            chosen.update(slice_context=self.slice_context.value(),
+                          normalisation="slice" if self.each_slice.isChecked() else "image")
+        return chosen
+
+
 #: The viewer's key for the Train widget's Live button.
 LIVE_SHORTCUT = "Shift-L"
 
@@ -182,10 +236,8 @@ class TrainWidget(QWidget):
         for role, takers in drawing_roles().items():
             self.roles[role] = LayerChoice(napari_viewer, "labels", optional=True, role=role)
             self.roles[role].setToolTip(takers[0][1].meaning)
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 1_000_000)
-        self.iterations = QSpinBox()
-        self.iterations.setRange(1, 1000)
+        self.settings = TrainSettings()
+        self.steps, self.iterations = self.settings.steps, self.settings.iterations
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.device_found = QLabel(describe_device_choice("auto"))
@@ -220,8 +272,7 @@ class TrainWidget(QWidget):
             label = QLabel(role)
             form.addRow(label, choice)
             self._role_rows[role] = (label, choice)
-        form.addRow("steps", self.steps)
-        form.addRow("iterations", self.iterations)
+        form.addRow(self.settings)
         form.addRow("device", self.device)
         form.addRow("", self.device_found)
         form.addRow("start from", self.init)
@@ -244,10 +295,12 @@ class TrainWidget(QWidget):
         self.live_button.clicked.connect(lambda checked: self.start_live() if checked else self.stop_live())
         napari_viewer.bind_key(LIVE_SHORTCUT, lambda viewer: self.toggle_live(), overwrite=True)
         self.image.currentTextChanged.connect(self._update_resume)
+        self.image.currentTextChanged.connect(lambda name: self.settings.follow_image(self._layer(name)))
         self.save_button.clicked.connect(self._save)
         napari_viewer.layers.events.inserted.connect(self._follow_roles)
         self._method_changed(self.method.currentText())
         self._follow_roles()
+        self.settings.follow_image(self._layer(self.image.value() or ""))
 
     # ------------------------------------------------------------------ form
 
@@ -257,7 +310,6 @@ class TrainWidget(QWidget):
             visible = role in method.role_names
             label.setVisible(visible)
             choice.setVisible(visible)
-        self.iterations.setEnabled("iterations" in method.length)
         self.live_button.setEnabled(method.loop is not None)
         self.preset.blockSignals(True)
         self.preset.clear()
@@ -297,11 +349,11 @@ class TrainWidget(QWidget):
                 return
 
     def _preset_changed(self, name: str):
-        if not name:
-            return
-        config = load_preset(name)
-        self.steps.setValue(config.steps)
-        self.iterations.setValue(config.iterations)
+        if name:
+            self.settings.show_preset(load_preset(name), METHODS[self.method.currentText()])
+
+    def _layer(self, name: str):
+        return self.viewer.layers[name] if name in self.viewer.layers else None
 
     # ------------------------------------------------------------------ run
 
@@ -330,14 +382,13 @@ class TrainWidget(QWidget):
                 show_info(f"No checkpoints for this run (cannot create {checkpoint.parent}: {error}).")
                 checkpoint = None
         layers = {role: name for role in method.role_names if (name := self.roles[role].value())}
-        lengths = {"steps": self.steps.value(), "iterations": self.iterations.value()}
-        lengths = {setting: value for setting, value in lengths.items() if setting in method.length}
+        settings = self.settings.settings(method)
         preset = self.preset.currentText() or method.preset
         init = model_to_start_from(self.init.currentText(), method)
         if init is False:
             return None
         worker = train_in_viewer(
-            self.viewer, self.channels.image(self.image.value()), method=method.name, **layers, **lengths,
+            self.viewer, self.channels.image(self.image.value()), method=method.name, **layers, **settings,
             preset=preset, device=self.device.currentText(), start=False, on_event=self._on_event,
             checkpoint=checkpoint, resume=resume, **({"init": init} if init is not None else {}),
         )
@@ -346,7 +397,7 @@ class TrainWidget(QWidget):
         self.worker = worker
         self.model = None
         self._cancelled = False
-        total = method.total_steps(load_preset(preset).replace(**lengths))
+        total = method.total_steps(load_preset(preset).replace(**settings))
         self._progress = progress(total=total, desc=f"Training {method.name}")
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
@@ -373,7 +424,7 @@ class TrainWidget(QWidget):
         session = None if init is False else live_in_viewer(
             self.viewer, self.channels.image(self.image.value()), method=method.name, **layers,
             preset=self.preset.currentText() or method.preset, device=self.device.currentText(),
-            on_event=self._on_live_event, init=init)
+            on_event=self._on_live_event, init=init, **self.settings.settings(method, lengths=False))
         self.live = session
         self.live_button.setChecked(session is not None)
         self.start_button.setEnabled(session is None)
@@ -480,6 +531,10 @@ class PredictWidget(QWidget):
         self.device.addItems(DEVICES)
         self.predict_button = QPushButton("Predict")
         self.predict_button.clicked.connect(self.predict)
+        self.export_button = QPushButton("Export for bioimage.io...")
+        self.export_button.setToolTip("Write the model as a bioimage.io package (.zip) for ilastik, deepImageJ, "
+                                      "QuPath; its test image and cover come from the chosen image.")
+        self.export_button.clicked.connect(self._export)
 
         row = QHBoxLayout()
         row.addWidget(self.model_path)
@@ -493,6 +548,7 @@ class PredictWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.instances)
         layout.addWidget(self.predict_button)
+        layout.addWidget(self.export_button)
         layout.addStretch()
 
     def _browse(self):
@@ -515,6 +571,46 @@ class PredictWidget(QWidget):
             self.predict_button.setEnabled(False)
             self.worker.finished.connect(lambda: self.predict_button.setEnabled(True))
         return self.worker
+
+    def _export(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Export for bioimage.io", "model.zip",
+                                              "bioimage.io packages (*.zip)")
+        if path:
+            self.export_bioimageio(path)
+
+    def export_bioimageio(self, path):
+        """Write the chosen model as a bioimage.io package in a thread (the Export button); return the worker.
+
+        The package's test tensors and cover are cut from the chosen image (with
+        its more channels), or from the bundled nuclei image when none is
+        chosen (grey models); see :func:`napari_coarseseg.bioimageio_export.export_bioimageio`.
+        """
+        from napari.qt.threading import thread_worker
+
+        from ._viewer import image_input
+        from .bioimageio_export import export_bioimageio
+
+        model = self.model_path.currentText().strip()
+        if not model:
+            show_error("Choose a model first: a shipped one from the list, or a file (Browse...).")
+            return None
+        image = self.channels.image(self.image.value())
+        try:
+            # Layer data as napari holds it (a lazy stack stays lazy: the export reads one slice of it).
+            sample = image_input(self.viewer, image, keep_lazy=True)[1] if image else None
+        except ValueError as error:
+            show_error(f"Cannot export: {error}")
+            return None
+        channel_axis = -1 if isinstance(image, list) else None  # several channel layers, stacked last
+        worker = thread_worker(export_bioimageio, start_thread=False, ignore_errors=True)(
+            model, path, sample=sample, channel_axis=channel_axis)
+        worker.returned.connect(lambda report: show_info(f"bioimage.io package written to {report.path}"))
+        worker.errored.connect(lambda error: show_error(f"Export failed: {error}"))
+        self.export_button.setEnabled(False)
+        worker.finished.connect(lambda: self.export_button.setEnabled(True))
+        worker.start()
+        self.export_worker = worker
+        return worker
 
 
 class AnnotationsWidget(QWidget):

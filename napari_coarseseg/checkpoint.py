@@ -9,6 +9,15 @@ parses JSON and raw tensors only, like model files.
 
 Resuming restores every piece of state, so on the same device and thread
 count a resumed run continues bit for bit like an uninterrupted one.
+
+Several processes (:mod:`napari_coarseseg.data_parallel`): the modules and the
+optimiser are the same on every process and rank 0 writes them; each process
+samples its own patches, so the checkpoint also holds the random generators
+of every other rank (header ``rank_rng``, tensors ``rng.torch.rank<r>``) and
+the number of processes (``processes``). Only rank 0 reads and writes the
+file; a resumed run needs as many processes as the interrupted one (its
+random streams are per process), and then continues as it would have.
+One-process checkpoints are as they were.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data_parallel import Ranks
 from .model_io import atomic_write
 
 __all__ = ["CheckpointError", "RunCheckpoint", "run_fingerprint", "save_checkpoint", "load_checkpoint",
@@ -62,7 +72,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(path, *, fingerprint: str, step: int, modules: dict, optimizer, schedule, rng, torch_rng,
-                    state: dict | None = None, arrays: dict | None = None) -> Path:
+                    state: dict | None = None, arrays: dict | None = None, other_ranks: list | None = None) -> Path:
     """Write a checkpoint atomically.
 
     Parameters
@@ -85,6 +95,9 @@ def save_checkpoint(path, *, fingerprint: str, step: int, modules: dict, optimiz
         JSON-able method state (e.g. the iteration reached).
     arrays : dict of str to ndarray, optional
         Method arrays (e.g. the recursive approximations).
+    other_ranks : list, optional
+        Several processes: ``(rng.bit_generator.state, torch_rng.get_state())``
+        of ranks 1, 2, ... (``rng`` and ``torch_rng`` are rank 0's).
     """
     from safetensors.torch import save_file
 
@@ -103,6 +116,10 @@ def save_checkpoint(path, *, fingerprint: str, step: int, modules: dict, optimiz
         "rng": rng.bit_generator.state,
         "state": state or {},
     }
+    if other_ranks:
+        header["processes"] = 1 + len(other_ranks)
+        header["rank_rng"] = [numpy_state for numpy_state, _ in other_ranks]
+        tensors.update({f"rng.torch.rank{r}": torch_state for r, (_, torch_state) in enumerate(other_ranks, 1)})
     metadata = {"coarseseg_checkpoint": json.dumps(header, default=_json_number)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -168,9 +185,20 @@ def load_checkpoint(path, fingerprint: str | None = None) -> dict:
     return {"step": int(header["step"]), "tensors": tensors, "header": header}
 
 
-def restore_checkpoint(checkpoint: dict, *, modules: dict, optimizer, schedule, rng, torch_rng) -> dict:
-    """Load a checkpoint's state into a freshly built run; return ``{"state", "arrays"}`` of the method."""
+def restore_checkpoint(checkpoint: dict, *, modules: dict, optimizer, schedule, rng, torch_rng, rank: int = 0,
+                       world_size: int = 1) -> dict:
+    """Load a checkpoint's state into a freshly built run; return ``{"state", "arrays"}`` of the method.
+
+    ``rank`` of ``world_size`` processes takes its own random generators; a
+    checkpoint of another number of processes is refused (``CheckpointError``).
+    """
     tensors, header = checkpoint["tensors"], checkpoint["header"]
+    written_by = int(header.get("processes", 1))
+    if written_by != world_size:
+        how = "on one process" if written_by == 1 else f"on {written_by} (torchrun --nproc-per-node {written_by})"
+        raise CheckpointError(f"the checkpoint was written by a run on {written_by} process"
+                              f"{'es' if written_by > 1 else ''} and this one has {world_size}: every process "
+                              f"samples its own patches, so resume it {how}, or delete it and start afresh")
     try:
         for name, module in modules.items():
             prefix = f"module.{name}."
@@ -183,8 +211,8 @@ def restore_checkpoint(checkpoint: dict, *, modules: dict, optimizer, schedule, 
             state["state"][int(index)] = values
         optimizer.load_state_dict(state)
         schedule.load_state_dict(header["schedule"])
-        rng.bit_generator.state = header["rng"]
-        torch_rng.set_state(tensors["rng.torch"])
+        rng.bit_generator.state = header["rng"] if rank == 0 else header["rank_rng"][rank - 1]
+        torch_rng.set_state(tensors["rng.torch" if rank == 0 else f"rng.torch.rank{rank}"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"the checkpoint does not fit this run ({str(error).splitlines()[0]}); delete it "
                               "and start without --resume") from None
@@ -195,6 +223,11 @@ def restore_checkpoint(checkpoint: dict, *, modules: dict, optimizer, schedule, 
 class RunCheckpoint:
     """The checkpoints of one training run: written every ``every`` steps, and resumed from.
 
+    Guarantee: a run resumed from its file, on the same device and thread
+    count and on as many processes, goes on bit for bit as if it had not
+    stopped; a checkpoint of another run or of another number of processes
+    is refused (:class:`CheckpointError`).
+
     Parameters
     ----------
     path : str or Path or None
@@ -203,13 +236,18 @@ class RunCheckpoint:
         Steps between two checkpoints.
     method, config, seed, arrays
         What defines the run (see :func:`run_fingerprint`).
+    ranks : Ranks, optional
+        The processes of the run (default one): every process calls
+        :meth:`resume` and :meth:`maybe_save` at the same steps, rank 0 alone
+        touches the file.
     **parts
         ``modules``, ``optimizer``, ``schedule``, ``rng``, ``torch_rng`` of the run.
     """
 
-    def __init__(self, path, every: int, method: str, config, seed, arrays, **parts):
+    def __init__(self, path, every: int, method: str, config, seed, arrays, ranks: Ranks | None = None, **parts):
         self.path = None if path is None else Path(path)
         self.every = int(every)
+        self.ranks = ranks or Ranks()
         self.parts = parts
         self.step = 0
         self.fingerprint = None if self.path is None else run_fingerprint(method, config, seed, arrays)
@@ -218,17 +256,38 @@ class RunCheckpoint:
         """Restore the run from the file; ``self.step`` becomes the step it had reached."""
         if self.path is None:
             raise CheckpointError("resuming needs a checkpoint file; give one")
-        loaded = load_checkpoint(self.path, self.fingerprint)
-        restored = restore_checkpoint(loaded, **self.parts)
+        loaded = self._load()
+        restored = restore_checkpoint(loaded, rank=self.ranks.rank, world_size=self.ranks.world_size, **self.parts)
         self.step = loaded["step"]
         return restored
 
+    def _load(self) -> dict:
+        if not self.ranks.distributed:
+            return load_checkpoint(self.path, self.fingerprint)
+        # Rank 0 reads the file; every process gets its contents, or the same error to stop on.
+        loaded = error = None
+        if self.ranks.main:
+            try:
+                loaded = load_checkpoint(self.path, self.fingerprint)
+            except CheckpointError as failure:
+                error = str(failure)
+        loaded, error = self.ranks.broadcast((loaded, error))
+        if error is not None:
+            raise CheckpointError(error)
+        return loaded
+
     def maybe_save(self, step: int, state: dict | None = None, arrays: dict | None = None,
                    force: bool = False) -> bool:
-        """Write the checkpoint if ``step`` is a multiple of ``every``, or always with ``force``."""
+        """Write the checkpoint if ``step`` is a multiple of ``every``, or always with ``force``; whether this
+        process wrote it (rank 0 does, after gathering every process's random generators)."""
         if self.path is None or not (force or step % self.every == 0):
             return False
-        save_checkpoint(self.path, fingerprint=self.fingerprint, step=step, state=state, arrays=arrays,
-                        **self.parts)
+        other_ranks = None
+        if self.ranks.distributed:
+            generators = (self.parts["rng"].bit_generator.state, self.parts["torch_rng"].get_state())
+            other_ranks = self.ranks.gather(generators)[1:]
+        if self.ranks.main:
+            save_checkpoint(self.path, fingerprint=self.fingerprint, step=step, state=state, arrays=arrays,
+                            other_ranks=other_ranks, **self.parts)
         self.step = step
-        return True
+        return self.ranks.main

@@ -30,6 +30,7 @@ import numpy as np
 
 from ._version import __version__
 from .annotations import AnnotationError
+from .data import NORMALISATIONS
 from .io import InputError, StagedWrites, is_nifti, match_by_name, read_tiff, resolve_inputs
 from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method, load_model
 from .model_io import ModelFileError
@@ -154,17 +155,31 @@ def _add_simulate_parser(sub) -> None:
                           "pixels (default 0)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="coarseseg",
-        description="Train segmentation networks from coarse drawings (RefineSeg, recursive approximation) "
-                    "and apply them.",
-    )
-    parser.add_argument("--version", action="version", version=f"napari-coarseseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_export_parser(sub) -> None:
+    """The ``export`` subcommand: a model as a package other tools open (bioimage.io)."""
+    exp = sub.add_parser("export", help="write a model as a bioimage.io package (ilastik, deepImageJ, QuPath)",
+                         description="Write MODEL as a bioimage.io model package (format 0.5): ONNX, TorchScript "
+                                     "and PyTorch weights, the normalisation as preprocessing, test tensors from "
+                                     "napari-coarseseg's own prediction, a cover and documentation. "
+                                     "'bioimageio test OUT.zip' checks it. Needs napari-coarseseg[bioimageio].")
+    exp.add_argument("model", help="model file written by 'coarseseg train', or the name of a model shipped in "
+                     "models/ (e.g. dsb2018-nuclei-refineseg)")
+    exp.add_argument("--format", default="bioimageio", help="package format: bioimageio (the only one; default)")
+    exp.add_argument("--out", required=True, help="the package to write (.zip)")
+    exp.add_argument("--sample", metavar="IMAGE",
+                     help="image (TIFF or NIfTI) the test tensors and the cover are cut from (a centred crop of up "
+                          "to 256 x 256 px; a stack's middle slice); default the bundled nuclei image (grey models)")
+    _add_channel_axis(exp, "Of --sample; it needs the model's channels.")
+    exp.add_argument("--author", action="append", default=[], metavar="NAME",
+                     help="an author of the package; repeat for several (default: napari-coarseseg)")
+    exp.add_argument("--license", default="BSD-3-Clause", metavar="SPDX",
+                     help="licence of the package (default BSD-3-Clause); the training data's where it demands one")
+    exp.add_argument("--name", help="the package's name (default: the model file's name)")
+    exp.add_argument("--tag", action="append", default=[],
+                     help="a bioimage.io tag, e.g. nuclei or fluorescence-light-microscopy; repeat for several")
 
-    _add_simulate_parser(sub)
 
+def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train a model from an image and its coarse drawings",
                            description="Train a model. IMAGE and drawings are TIFFs of identical shape, NIfTI "
                                        "volumes (.nii, .nii.gz) on the same grid, or folders of them matched by "
@@ -189,9 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stacks, 2.5-D: each slice also sees the K slices above and below it as extra "
                             "channels (0: slice-wise 2-D; default from the preset: 0); predict reads it from "
                             "the model")
+    train.add_argument("--normalisation", choices=sorted(NORMALISATIONS),
+                       help="what intensities are normalised over: 'image' (the whole image or volume) or "
+                            "'slice' (each slice on its own: serial sections whose brightness drifts; default "
+                            "from the preset: image); predict reads it from the model")
     train.add_argument("--classes", type=int, help="number of classes K (default: the largest drawn value)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    train.add_argument("--batch-size", type=int, metavar="B",
+                       help="patches per optimiser step (default from the preset); with several processes "
+                            "(torchrun) the total over all of them, each taking B / N")
+    train.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
+                       help="under torchrun with several processes: how they exchange gradients (auto: nccl on "
+                            "GPUs, gloo on CPUs)")
     train.add_argument("--evolution", metavar="EVO.tif",
                        help="write the masks on the training image at each checkpoint, iteration 0 first "
                             "(.nii.gz for a NIfTI image: iterations on the fourth axis)")
@@ -208,14 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spacing(train, "The model card records it. refineseg measures no distances: refused there.")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_predict_parser(sub) -> None:
     pred = sub.add_parser("predict", help="segment images with a trained model")
     pred.add_argument("model", help="model file written by 'coarseseg train', or the name of a model shipped "
                       "in models/ (e.g. dsb2018-nuclei-refineseg)")
     pred.add_argument("image", help="image (TIFF or NIfTI) or folder of them")
     pred.add_argument("--out", required=True, help="output TIFF, or NIfTI (.nii, .nii.gz) on the grid of a NIfTI "
                       "image (a folder, for a folder of images: files named like the images)")
-    pred.add_argument("--probabilities", metavar="PROB.tif",
-                      help="also write class probabilities (classes first); single image only")
+    pred.add_argument("--probabilities", metavar="PROB.tif", nargs="?", const=True,
+                      help="also write class probabilities (classes first); single image only; for a zarr input "
+                           "without a file name: into OUT.zarr/probabilities")
     pred.add_argument("--reliability", metavar="REL.tif",
                       help="also write the annotation-reliability map; single image only")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -228,6 +256,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spacing(pred, "Default for a TIFF: the model card's (the training images' pixel size). Refused for "
                        "refineseg models.")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Zarr inputs, chunk by chunk, on a dask cluster (napari_coarseseg.zarr_predict).
+    pred.add_argument("--scheduler", metavar="ADDRESS",
+                      help="zarr input: run the chunks on the workers of this dask scheduler (tcp://HOST:PORT)")
+    pred.add_argument("--workers", type=int, metavar="N",
+                      help="zarr input: run the chunks on a local cluster of N processes (one thread each)")
+    pred.add_argument("--resume", action="store_true",
+                      help="zarr input: continue --out OUT.zarr, skipping the chunks already written")
+    pred.add_argument("--chunks", metavar="Z,Y,X",
+                      help="zarr input: the output's chunks, one task each (default about 4 M pixels, planes up "
+                           "to 3072 px on a side whole)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coarseseg",
+        description="Train segmentation networks from coarse drawings (RefineSeg, recursive approximation) "
+                    "and apply them.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-coarseseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_simulate_parser(sub)
+
+    _add_train_parser(sub)
+    _add_predict_parser(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the bundled sample image",
                           description="Simulate drawings on the bundled DSB 2018 nuclei image, train on its "
@@ -237,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="training steps (default from the preset)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_export_parser(sub)
     return parser
 
 
@@ -360,6 +414,31 @@ def _initial_model(path, method):
 
 
 def cmd_train(args) -> int:
+    """``coarseseg train``; under ``torchrun --nproc-per-node N`` one model trained by the N processes, rank 0 writing
+    it and reporting (:mod:`napari_coarseseg.data_parallel`)."""
+    from .data_parallel import OTHER_RANKS_REPORT_AFTER_S, joined_processes, launched_rank
+
+    rank = launched_rank()
+    if rank:
+        args.quiet = True  # the progress bar and the timing line are rank 0's
+    try:
+        with joined_processes(args.device, args.dist_backend) as (ranks, device):
+            return _train(args, ranks, device)
+    except KeyboardInterrupt:
+        if not rank:
+            raise
+        return 130  # Ctrl-C reaches every process: rank 0 says how to resume
+    except USER_ERRORS as error:
+        if not rank:
+            raise
+        # Every process reads the same inputs and settings, so rank 0 meets the same error and reports it, and
+        # torchrun then stops this process. An error of this process's own (a file it alone cannot read) it
+        # reports itself, after that while.
+        time.sleep(OTHER_RANKS_REPORT_AFTER_S)
+        raise InputError(f"rank {rank}: {error}") from error
+
+
+def _train(args, ranks, device) -> int:
     from .model_io import save_model
     from .training import load_preset, run_to_end
 
@@ -369,7 +448,8 @@ def cmd_train(args) -> int:
     evolution_path = _output_path(args.evolution) if args.evolution else None
     config = load_preset(args.preset or method.preset)
     config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every,
-                            slice_context=args.slice_context)
+                            slice_context=args.slice_context, normalisation=args.normalisation)
+    config = config.replace(batch_size=args.batch_size)
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
     image_files, images, grids, layers = _load_training_set(args)
@@ -391,19 +471,21 @@ def cmd_train(args) -> int:
 
     def collect(event):
         progress(event)
-        if event.masks is not None:
+        if event.masks is not None and ranks.main:
             evolution.append(event.masks)
 
     config = config.validate()
-    progress = _Progress(method.total_steps(config), args.quiet, "training")
+    progress = _Progress(method.total_steps(config), args.quiet or not ranks.main, "training")
     try:
         training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
-                                device=args.device, names=[p.name for p in image_files],
+                                device=device, names=[p.name for p in image_files],
                                 checkpoint=checkpoint_path(out), resume=args.resume, **channels, **spacing,
                                 **({"init": init} if init is not None else {}))
         model = run_to_end(training, collect)
     finally:
         progress.close()
+    if not ranks.main:
+        return 0  # one model, written once: by rank 0
     # The model goes last so that a failing evolution write leaves no model.
     with StagedWrites() as staged:
         for i, target in enumerate(evolution_targets):
@@ -431,6 +513,12 @@ def cmd_predict(args) -> int:
         if not args.prior_strength >= 0:
             raise InputError(f"--prior-strength must be >= 0, got {args.prior_strength}")
         options["prior_strength"] = args.prior_strength
+    from .zarr_predict import predict_zarr_command, zarr_requested
+
+    if zarr_requested(args):
+        return predict_zarr_command(args, {**options, **spacing_option(args.spacing, model.method, predict_function)})
+    if args.probabilities is True:
+        raise InputError("--probabilities needs a file name (PROB.tif) for TIFF and NIfTI images")
     image_files = resolve_inputs(args.image)
     out = Path(args.out)
     if len(image_files) > 1 or Path(args.image).is_dir():
@@ -479,7 +567,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_export(args) -> int:
+    from .bioimageio_export import EXPORT_FORMATS, check_dependencies, check_output, export_bioimageio
+    from .model_io import resolve_model_path
+
+    # Refused before any file is read or written: the format, the output, the model's name.
+    if args.format not in EXPORT_FORMATS:
+        raise InputError(f"--format {args.format!r} is not a package format this napari-coarseseg writes; use "
+                         f"{' or '.join(EXPORT_FORMATS)}")
+    check_dependencies()
+    check_output(args.out)
+    model = resolve_model_path(args.model)
+    sample = read_image(args.sample, args.channel_axis)[0] if args.sample else None
+    report = export_bioimageio(model, args.out, sample=sample, channel_axis=args.channel_axis,
+                               authors=args.author or None, license=args.license, name=args.name, tags=args.tag)
+    worst = max(report.differences.values())
+    print(f"wrote {report.path} (bioimage.io model: weights {', '.join(sorted(report.differences))}; largest "
+          f"difference to coarseseg predict on the test image {worst:.1e})")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
+            "export": cmd_export}
 
 
 def main(argv=None) -> int:

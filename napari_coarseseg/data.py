@@ -6,6 +6,11 @@ leave as lists of (C, Y, X) float32 planes: stacks are handled slice by slice.
 drawing layer against the image it belongs to. With a slice context k
 (2.5-D, :func:`with_slice_context`) every plane also carries the k slices
 above and below it as further channels.
+
+Intensities are normalised per channel (:func:`normalize`) over the whole
+image, or over each slice on its own (``normalisation="slice"``,
+:data:`NORMALISATIONS`): serial sections and z-stacks whose brightness drifts
+from slice to slice look alike to the network only after the second.
 """
 
 from __future__ import annotations
@@ -24,12 +29,28 @@ from .annotations import (
 )
 from .levelset import check_spacing
 
+#: What one percentile pair and one mean and deviation per channel are taken over (the card's
+#: ``normalisation["per"]``): the whole image (a volume's intensities keep their meaning across slices, as CT's
+#: Hounsfield units must), or each slice on its own (sections cut and imaged one by one, whose brightness drifts).
+NORMALISATIONS = {"image": "the whole image", "slice": "each slice on its own"}
+
+
+def check_normalisation(per: str) -> str:
+    """``per`` if it is one of :data:`NORMALISATIONS`, else a ``ValueError`` naming them."""
+    if per not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {sorted(NORMALISATIONS)} (what the intensities are "
+                         f"normalised over), got {per!r}")
+    return per
+
 __all__ = [
+    "NORMALISATIONS",
     "TrainingImages",
     "one_per_image",
     "in_plane_spacing",
     "spacing_per_image",
     "normalize",
+    "normalize_plane",
+    "check_normalisation",
     "iter_normalized_planes",
     "with_slice_context",
     "iter_slice_context",
@@ -121,6 +142,9 @@ class TrainingImages:
         recursive method's level set): one (sy, sx) or (sz, sy, sx) for all
         images, or a list of one (or None) per image; only (sy, sx) is kept
         (:func:`in_plane_spacing`). Default None: distances in pixels.
+    normalisation : {"image", "slice"}, optional
+        What intensities are normalised over (:data:`NORMALISATIONS`); the
+        training loop sets the run's (:meth:`set_normalisation`).
 
     Attributes
     ----------
@@ -137,6 +161,7 @@ class TrainingImages:
     channel_axis : int or None
         The ``channel_axis`` given (recorded in the model card).
     slice_context : int
+    normalisation : str
     input_channels : int
         Channels of every plane, what the network takes: ``channels * (2k + 1)``.
     names : list of str
@@ -156,7 +181,7 @@ class TrainingImages:
     """
 
     def __init__(self, images, rgb: bool | None = None, names=None, channel_axis: int | None = None,
-                 slice_context: int = 0, spacing=None):
+                 slice_context: int = 0, spacing=None, normalisation: str = "image"):
         if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
@@ -189,8 +214,8 @@ class TrainingImages:
             self.planes.extend(to_planes(normalize(im, rgb=self.rgb), self.rgb))
             self.plane_of_image.append(list(range(start, len(self.planes))))
             self.image_shapes.append(spatial_shape(im, self.rgb))
-        self.slice_context = 0
-        self.set_slice_context(slice_context)
+        self.slice_context, self.normalisation = 0, "image"
+        self.set_normalisation(normalisation).set_slice_context(slice_context)
 
     def __len__(self) -> int:
         return len(self.image_shapes)
@@ -221,6 +246,25 @@ class TrainingImages:
         self.planes = [plane for indices in self.plane_of_image
                        for plane in with_slice_context([own[i] for i in indices], k)]
         self.slice_context = k
+        return self
+
+    def set_normalisation(self, per: str) -> "TrainingImages":
+        """Normalise each slice on its own (``per="slice"``) instead of the whole image (see :data:`NORMALISATIONS`).
+
+        The planes were normalised per image, an affine map of each channel
+        (:func:`normalize` clips nothing), so normalising each of them again
+        gives what normalising each raw slice would. The way back needs the
+        raw images: a ``ValueError``.
+        """
+        if check_normalisation(per) == self.normalisation:
+            return self
+        if per == "image":
+            raise ValueError("these training images are normalised slice by slice; build them again with "
+                             "normalisation='image'")
+        own = [normalize_plane(plane[self.own_channels]) for plane in self.planes]
+        self.planes = [plane for indices in self.plane_of_image
+                       for plane in with_slice_context([own[i] for i in indices], self.slice_context)]
+        self.normalisation = per
         return self
 
     def check_layer(self, layer, role: str, label: str | None = None) -> list[np.ndarray | None]:
@@ -288,10 +332,18 @@ def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, rgb: bool
     return scaled
 
 
-def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: bool = False, name: str = "image"):
+def normalize_plane(plane: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """:func:`normalize` of one (C, Y, X) plane, each channel on its own."""
+    return np.ascontiguousarray(np.moveaxis(normalize(np.moveaxis(plane, 0, -1), low, high, rgb=True), -1, 0))
+
+
+def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: bool = False, name: str = "image",
+                           per: str = "image"):
     """:func:`normalize` then :func:`to_planes`, one plane at a time for lazy arrays.
 
-    In-memory NumPy arrays go through :func:`normalize` as in training. A
+    With ``per="slice"`` each plane is normalised on its own
+    (:func:`normalize_plane`), read one at a time whatever the array. With
+    ``per="image"``, in-memory NumPy arrays go through :func:`normalize` as in training. A
     lazy array (dask, zarr, memmap; see ``annotations.is_lazy``) is read twice
     slice by slice, never whole: a first pass gathers the mean and standard
     deviation (float64) and a subsample for the percentiles, a second pass
@@ -303,7 +355,7 @@ def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: boo
     AnnotationError
         If a slice holds NaN or infinite values.
     """
-    if not is_lazy(image):
+    if check_normalisation(per) == "image" and not is_lazy(image):
         yield from to_planes(normalize(image, low, high, rgb), rgb)
         return
     spatial_ndim = image.ndim - (1 if rgb else 0)
@@ -316,6 +368,10 @@ def iter_normalized_planes(image, low: float = 1.0, high: float = 99.8, rgb: boo
                                   "numpy.nan_to_num) before predicting.")
         return plane if rgb else plane[..., None]  # (Y, X, C)
 
+    if per == "slice":
+        for z in range(n_slices):
+            yield normalize_plane(np.moveaxis(read(z), -1, 0), low, high)
+        return
     channels = image.shape[-1] if rgb else 1
     total, total_sq, count, sample = np.zeros(channels), np.zeros(channels), 0, []
     stride = max(1, n_slices // 16)  # percentiles from at most ~16 slices

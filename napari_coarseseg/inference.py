@@ -262,7 +262,7 @@ def start_prediction(model, image, device="auto", name: str = "image"):
     The image checked against the model (:func:`check_image_for_model`), the
     device resolved with the model moved there in evaluation mode, and the
     image's (C, Y, X) planes normalised as in training (the card's
-    normalisation: the whole image at once), read one at a time; with the
+    normalisation: the whole image at once, or each slice on its own), read one at a time; with the
     card's ``slice_context`` k, each plane with its k neighbouring slices
     on either side as channels (:func:`~napari_coarseseg.data.iter_slice_context`:
     at most 2k + 1 normalised planes held at a time).
@@ -277,5 +277,5 @@ def start_prediction(model, image, device="auto", name: str = "image"):
     device = select_device(device)
     model.to(device).eval()
     norm = model.card["normalisation"]
-    planes = iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name)
+    planes = iter_normalized_planes(image, norm["low"], norm["high"], model.rgb, name, per=model.normalisation)
     return image, device, iter_slice_context(planes, model.slice_context)

@@ -84,6 +84,12 @@ class Model:
     def input_channels(self) -> int:
         return input_channels(self.card)
 
+    @property
+    def normalisation(self) -> str:
+        """What the intensities are normalised over: "image" (also cards written before it was recorded) or
+        "slice"."""
+        return self.card.get("normalisation", {}).get("per", "image")
+
     def to(self, device) -> "Model":
         self.network.to(device)
         self.heads.to(device)
@@ -100,8 +106,12 @@ class Model:
         return state
 
 
-def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: dict, **extra) -> dict:
-    """A model card with the fields every model file carries, plus a method's ``extra`` fields."""
+def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: dict, normalisation: str = "image",
+              **extra) -> dict:
+    """A model card with the fields every model file carries, plus a method's ``extra`` fields.
+
+    ``normalisation`` says what intensities were normalised over ("image" or "slice", the card's
+    ``normalisation["per"]``; cards written before it existed mean "image")."""
     card = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -111,7 +121,7 @@ def make_card(method: str, n_classes: int, channels: int, rgb: bool, network: di
         "channels": int(channels),
         "rgb": bool(rgb),
         "network": network,
-        "normalisation": {"kind": "percentile-zscore", "low": 1.0, "high": 99.8},
+        "normalisation": {"kind": "percentile-zscore", "low": 1.0, "high": 99.8, "per": normalisation},
         "package_version": __version__,
     }
     card.update(extra)
@@ -191,6 +201,10 @@ def _validate_card(card, path) -> dict:
     context = card.get("slice_context", 0)
     if not isinstance(context, int) or isinstance(context, bool) or context < 0:
         raise ModelFileError(f"{path}: card field 'slice_context' must be a whole number >= 0, got {context!r}")
+    per = card.get("normalisation", {}).get("per", "image") if isinstance(card.get("normalisation"), dict) else None
+    if per not in ("image", "slice"):
+        raise ModelFileError(f"{path}: card field 'normalisation' must be a mapping whose 'per' is 'image' or "
+                             f"'slice', got {card.get('normalisation')!r}")
     net = card.get("network")
     if not isinstance(net, dict) or not all(isinstance(net.get(k), int) for k in ("base_channels", "depth")):
         raise ModelFileError(f"{path}: card field 'network' must give integer base_channels and depth")

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import check_normalisation
+
 __all__ = [
     "TrainingConfig",
     "TrainingEvent",
@@ -116,6 +118,12 @@ class TrainingConfig:
         ends of a stack repeating its edge slice. Drawings still supervise
         their own slice only. Stored in the model card; prediction builds
         the same context.
+    normalisation : {"image", "slice"}
+        What the intensities are normalised over: the whole image
+        ("image", the default) or each slice of a stack on its own ("slice":
+        serial sections whose brightness drifts from slice to slice;
+        :data:`~napari_coarseseg.data.NORMALISATIONS`). Stored in the model
+        card; prediction normalises the same way.
     """
 
     steps: int = 300
@@ -147,6 +155,7 @@ class TrainingConfig:
     prediction_gate: float = 4.0
     prediction_seed_level: float = 0.0
     slice_context: int = 0
+    normalisation: str = "image"
     checkpoint_every: int = 50
 
     def replace(self, **changes) -> "TrainingConfig":
@@ -176,6 +185,7 @@ class TrainingConfig:
         if not isinstance(self.slice_context, int) or isinstance(self.slice_context, bool) or self.slice_context < 0:
             raise ValueError(f"slice_context must be a whole number >= 0 (slices on either side), "
                              f"got {self.slice_context!r}")
+        check_normalisation(self.normalisation)
         if not 0 <= self.drawn_fraction <= 1:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
         if not self.prediction_gate >= 0:
@@ -293,10 +303,16 @@ def describe_device(device: torch.device) -> str:
     return f"CPU, {n} thread{'' if n == 1 else 's'}"
 
 
-def seed_everything(seed: int | None) -> tuple[np.random.Generator, torch.Generator]:
-    """Seed torch and return NumPy and torch generators for data sampling."""
+def seed_everything(seed: int | None, offset: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """Seed torch with ``seed`` and return NumPy and torch generators for data sampling, seeded ``seed + offset``.
+
+    Torch's global generator initialises the networks; ``offset`` is a
+    process's rank in data-parallel training (:mod:`napari_coarseseg.data_parallel`):
+    the same initial weights everywhere, but each process samples its own patches.
+    """
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     torch.manual_seed(seed)
+    seed += int(offset)
     return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
 
 

@@ -18,6 +18,7 @@ from napari_coarseseg._widgets import (  # noqa: E402
     PredictWidget,
     TrainWidget,
 )
+from napari_coarseseg.methods import METHODS  # noqa: E402
 
 PLUGIN = "napari-coarseseg"
 
@@ -73,6 +74,29 @@ def test_train_button_trains_shows_progress_and_saves(viewer, qtbot, errors, tmp
     assert widget.save_button.isEnabled()
     widget.save_model(tmp_path / "trained.safetensors")
     assert (tmp_path / "trained.safetensors").is_file()
+
+
+def test_stack_settings_are_offered_for_stacks_and_reach_the_model(viewer, qtbot, errors, discs, disc_drawings):
+    widget = drawn_train_widget(viewer, steps=3)
+    assert not widget.settings.slice_context.isEnabled()  # the 2-D discs: no slices to see or normalise
+    assert widget.settings.settings(METHODS["refineseg"]) == {"steps": 3}
+    image, _ = discs
+    drifting = np.stack([image, 2 * image + 50, image + 100]).astype(np.float32)  # a stack whose brightness drifts
+    viewer.add_image(drifting, name="stack")
+    viewer.add_labels(np.stack([disc_drawings.positive] * 3), name="stack positive")
+    viewer.add_labels(np.stack([disc_drawings.negative] * 3), name="stack negative")
+    widget.image.setCurrentText("stack")
+    widget.roles["positive"].setCurrentText("stack positive")
+    widget.roles["negative"].setCurrentText("stack negative")
+    assert widget.settings.slice_context.isEnabled() and widget.settings.each_slice.isEnabled()
+    assert widget.settings.slice_context.value() == 0 and not widget.settings.each_slice.isChecked()  # the preset's
+    widget.settings.slice_context.setValue(1)
+    widget.settings.each_slice.setChecked(True)
+    widget.start_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert errors == []
+    assert widget.model.slice_context == 1 and widget.model.normalisation == "slice"
+    assert viewer.layers["stack prediction"].data.shape == drifting.shape
 
 
 def test_cancel_button_stops_training(viewer, qtbot, errors):

@@ -8,6 +8,9 @@ A run goes through the same phases whatever the method:
 3. the method's modules on the device, the network in channels-last format;
 4. the patch sampler over the targets;
 5. AdamW over every module with a one-cycle schedule over all steps;
+   with several processes (:mod:`napari_coarseseg.data_parallel`), one DDP over
+   every module averages their gradients, each process on its own
+   ``batch_size / N`` patches;
 6. checkpoint and resume (:class:`~napari_coarseseg.checkpoint.RunCheckpoint`);
 7. the start event, then one event per optimiser step;
 8. teardown (modules back on the CPU, GPU memory released), also when the
@@ -24,7 +27,8 @@ generator of :class:`~napari_coarseseg.training.TrainingEvent`, one at the
 start and one after every optimiser step; closing it cancels the run before
 the next step; the trained model is its return value. On the same device and
 thread count, a run resumed from its checkpoint ends with the same weights,
-bit for bit, as an uninterrupted one.
+bit for bit, as an uninterrupted one; with several processes, resumed on as
+many processes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import nn
 
 from ..checkpoint import RunCheckpoint
 from ..data import PatchSampler, TrainingImages, augment
+from ..data_parallel import Ranks
 from ..inference import predict_planes, softmax_maps
 from ..model_io import Model, make_card
 from ..training import (
@@ -96,11 +101,15 @@ class TrainingLoop:
             shape = {key: value for key, value in init.card.get("network", {}).items()
                      if key in ("base_channels", "depth", "task_levels")}
             config = config.replace(**shape)
-        # 2.5-D: the planes the network sees carry the run's slice context (a live session's images come
-        # without it).
-        self.images, self.config, self.seed = images.set_slice_context(config.slice_context), config, seed
+        # The planes the network sees carry the run's normalisation and 2.5-D slice context (a live session's
+        # images come without them).
+        images = images.set_normalisation(config.normalisation).set_slice_context(config.slice_context)
+        self.images, self.config, self.seed = images, config, seed
         self.device = select_device(device)
-        self.rng, self.torch_rng = seed_everything(seed)
+        # Several processes (an initialised process group): one model, each process on its own patches.
+        self.ranks = Ranks.current()
+        self.batch_size = self.ranks.per_process(config.batch_size)
+        self.rng, self.torch_rng = seed_everything(seed, offset=self.ranks.rank)
         self.modules = {name: module.to(self.device) for name, module in self.build_modules().items()}
         if init is not None:
             self.start_from(init)
@@ -111,11 +120,13 @@ class TrainingLoop:
         self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=config.learning_rate,
                                                             total_steps=self.total_steps, pct_start=0.15)
+        # The method's forward, through one DDP of every module when there are several processes.
+        self.parallel_forward = self.ranks.parallel(self.modules, self.forward)
         # The fingerprint covers the images and every target: a checkpoint resumes only the same run.
         self.checkpoint = RunCheckpoint(checkpoint, config.checkpoint_every, self.method, config, seed,
                                         [*images.planes, *(t for strategy in targets for t in strategy)],
                                         modules=self.modules, optimizer=self.optimizer, schedule=self.schedule,
-                                        rng=self.rng, torch_rng=self.torch_rng)
+                                        rng=self.rng, torch_rng=self.torch_rng, ranks=self.ranks)
         self.step = 0  # optimiser steps done
         self.plane = 0  # evolution planes shown after the drawings (TrainingEvent.iteration)
 
@@ -130,8 +141,8 @@ class TrainingLoop:
         raise NotImplementedError
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Images (B, C, P, P) and targets (S, B, P, P) of one step."""
-        return self.sampler.batch(self.config.batch_size)
+        """Images (B, C, P, P) and targets (S, B, P, P) of one step (B: this process's ``batch_size``)."""
+        return self.sampler.batch(self.batch_size)
 
     def forward(self, images: torch.Tensor):
         """The modules' outputs on a batch (runs under the device's autocast)."""
@@ -171,7 +182,9 @@ class TrainingLoop:
     # ------------------------------------------------------------------ helpers for the parts
 
     def preview(self, maps=softmax_maps) -> list[np.ndarray]:
-        """The network's blended ``maps`` on every training plane (the network stays in training mode)."""
+        """The network's blended ``maps`` on every training plane (the network stays in training mode); every
+        process previews the same network (rank 0's batch-norm statistics)."""
+        self.ranks.sync_buffers(self.modules)
         return predict_planes(self.network, self.images.planes, self.device, maps)
 
     # ------------------------------------------------------------------ live sessions (napari_coarseseg.live)
@@ -215,15 +228,16 @@ class TrainingLoop:
         """Take the weights of a trained ``model`` of the same method, classes, channels and slice context
         (a ``ValueError`` saying which differs otherwise). Its transition heads or other modules come along
         where this run has the same number of them; new ones start fresh."""
-        card = {"slice_context": 0, **model.card}  # cards written before slice contexts: slice-wise 2-D
+        # Cards written before slice contexts and normalisations: slice-wise 2-D, whole images.
+        card = {"slice_context": 0, **model.card, "normalisation": model.normalisation}
         wanted = {"method": self.method, "n_classes": self.n_classes, "channels": self.images.channels,
-                  "slice_context": self.images.slice_context}
+                  "slice_context": self.images.slice_context, "normalisation": self.images.normalisation}
         differ = [f"{key} {card.get(key)!r} (this run: {value!r})" for key, value in wanted.items()
                   if card.get(key) != value]
         if differ:
             raise ValueError("the model to start from does not fit this run: its " + ", ".join(differ)
-                             + "; pick a model trained with the same method, classes, channels and "
-                             "slice_context")
+                             + "; pick a model trained with the same method, classes, channels, "
+                             "slice_context and normalisation")
         try:
             self.modules["network"].load_state_dict(model.network.state_dict())
         except RuntimeError as error:
@@ -257,7 +271,9 @@ class TrainingLoop:
                                            force=self.checkpoint_due(step))
                 yield TrainingEvent(step, self.total_steps, losses, time.perf_counter() - start,
                                     iteration=self.plane, masks=masks, message=message)
+            self.ranks.sync_buffers(self.modules)  # every process returns rank 0's model
         finally:
+            self.ranks.end_parallel(self.modules)
             for module in self.modules.values():
                 use_channels_last(module, self.device, on=False).cpu()
             release_device_memory(self.device)
@@ -278,14 +294,15 @@ class TrainingLoop:
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         with autocast(self.device):
-            outputs = self.forward(images)
+            outputs = self.parallel_forward(images)
         # The losses take logs of probabilities: methods compute them in float32, outside autocast.
         terms = self.loss_terms(outputs, targets, images)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.optimizer.step()
         self.schedule.step()
-        losses = {name: float(value.detach()) for name, value in terms.items()}
+        # Averaged over the processes: the loss of the whole batch, and every process stops at the same step.
+        losses = self.ranks.average({name: float(value.detach()) for name, value in terms.items()})
         if not np.isfinite(losses["total"]):
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {losses['total']}); lower the learning rate"
@@ -297,9 +314,10 @@ class TrainingLoop:
         network, extra, summary = self.card_fields()
         card = make_card(self.method, self.n_classes, self.images.channels, self.images.rgb, network,
                          patch_size=self.config.patch_size, channel_axis=self.images.channel_axis,
-                         slice_context=self.images.slice_context, **extra,
+                         slice_context=self.images.slice_context, normalisation=self.images.normalisation,
+                         **extra,
                          training={**summary, "seed": self.seed, "seconds": round(seconds, 2),
                                    "device": describe_device(self.device), "final_losses": losses,
                                    "image_shapes": [list(s) for s in self.images.image_shapes],
-                                   "config": dict(vars(self.config))})
+                                   "config": dict(vars(self.config)), **self.ranks.card()})
         return Model(self.modules["network"], self.modules.get("heads", nn.ModuleList()), card).eval()
