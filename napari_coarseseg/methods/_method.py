@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..annotations import AnnotationError
 from ..inference import Prediction
 from ..model_io import Model
@@ -13,6 +15,34 @@ from ..training import TrainingConfig
 from ._loop import TrainingRun
 
 __all__ = ["DrawingRole", "Method"]
+
+
+@dataclass(frozen=True)
+class PlaneRule:
+    """How a method turns the network's output into one plane's labels.
+
+    Attributes
+    ----------
+    maps : callable
+        The ``maps`` argument of
+        :func:`~napari_coarseseg.inference.iter_predict_planes`: the
+        network's output on a batch of tiles -> (B, M, h, w) maps to blend.
+    finish : callable
+        ``finish(maps, keep_probabilities)`` -> ``(labels, probabilities)``:
+        the blended (M, Y, X) maps of a plane (or of a block of it, when
+        ``local``) -> labels of the method's label dtype and, if asked, the
+        (K + 1, Y, X) float32 class probabilities the method reports (else
+        None).
+    local : bool
+        Whether a pixel's label depends on that pixel's maps alone. A local
+        rule may be applied to any block of a plane; the recursive method's
+        level-set growth follows connected regions across the plane, so its
+        planes are predicted whole.
+    """
+
+    maps: Callable
+    finish: Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None]]
+    local: bool
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ from ..model_io import Model, ModelFileError, input_channels
 from ..multitask import MultiTaskUNet
 from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
-from ._method import DrawingRole, Method
+from ._method import DrawingRole, Method, PlaneRule
 
 __all__ = ["train_recursive", "predict_recursive", "final_growth", "prediction_seeds", "physical_length",
            "RecursiveMasks", "RecursiveTraining", "RECURSIVE"]
@@ -533,6 +533,29 @@ def final_growth(foreground: np.ndarray, regions: np.ndarray, epsilon: float, ga
     return seed_classes[separate_objects(grown, gap, keep=seeds > 0, object_classes=seed_classes)]
 
 
+def recursive_plane_rule(model: Model, epsilon: float | None = None, gate: float | None = None,
+                         seed_level: float | None = None, spacing=None) -> PlaneRule:
+    """One plane's labels from its blended maps: T1's foreground grown from T2's regions (not local: the level
+    set follows regions across the plane). What :func:`predict_recursive` does with every plane."""
+    spacing = in_plane_spacing(spacing if spacing is not None else _card_pair(model.card.get("spacing")))
+    epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
+    # Models written before the gate was a setting used 4 px.
+    gate = float(model.card.get("prediction_gate", 4.0) if gate is None else gate)
+    # Models written before the seed level was stored grew from T2's whole regions (level 0).
+    seed_level = float(model.card.get("prediction_seed_level", 0.0) if seed_level is None else seed_level)
+    n_labels, dtype = model.n_classes + 1, label_dtype(model.n_classes)
+
+    def finish(maps: np.ndarray, keep_probabilities: bool):
+        probabilities, approximation, interface = _split_tasks(maps, n_labels)
+        regions = approximation.argmax(0)
+        probability = np.take_along_axis(approximation, regions[None], 0)[0]
+        grown = final_growth(_foreground(probabilities, interface), regions, epsilon, gate,
+                             probability=probability, seed_level=seed_level, spacing=spacing)
+        return grown.astype(dtype), probabilities if keep_probabilities else None
+
+    return PlaneRule(_task_maps, finish, local=False)
+
+
 def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
                       flips: bool = False, epsilon: float | None = None, gate: float | None = None,
@@ -560,23 +583,12 @@ def predict_recursive(model: Model, image, device="auto", tile_size: int = TILE_
         ``labels`` the grown classes, ``probabilities`` T1's class
         probabilities, ``reliability`` None.
     """
-    spacing = in_plane_spacing(spacing if spacing is not None else _card_pair(model.card.get("spacing")))
     image, device, planes = start_prediction(model, image, device, name)
-    epsilon = float(model.card.get("epsilon_predict", 1.0) if epsilon is None else epsilon)
-    # Models written before the gate was a setting used 4 px.
-    gate = float(model.card.get("prediction_gate", 4.0) if gate is None else gate)
-    # Models written before the seed level was stored grew from T2's whole regions (level 0).
-    seed_level = float(model.card.get("prediction_seed_level", 0.0) if seed_level is None else seed_level)
-    n_labels = model.n_classes + 1
+    rule = recursive_plane_rule(model, epsilon, gate, seed_level, spacing)
     segmentation, labels = [], []
-    for maps in iter_predict_planes(model.network, planes, device, _task_maps, tile_size, overlap, batch_size,
-                                    flips):
-        probabilities, approximation, interface = _split_tasks(maps, n_labels)
-        regions = approximation.argmax(0)
-        probability = np.take_along_axis(approximation, regions[None], 0)[0]
-        grown = final_growth(_foreground(probabilities, interface), regions, epsilon, gate,
-                             probability=probability, seed_level=seed_level, spacing=spacing)
-        labels.append(grown.astype(label_dtype(model.n_classes)))
+    for maps in iter_predict_planes(model.network, planes, device, rule.maps, tile_size, overlap, batch_size, flips):
+        plane_labels, probabilities = rule.finish(maps, keep_probabilities)
+        labels.append(plane_labels)
         if keep_probabilities:
             segmentation.append(probabilities)
     return assemble_planes(image, model, labels, segmentation or None)

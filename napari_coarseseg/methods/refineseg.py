@@ -53,7 +53,7 @@ from ..model_io import Model, ModelFileError, input_channels
 from ..networks import TransitionHead, UNet
 from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
-from ._method import DrawingRole, Method
+from ._method import DrawingRole, Method, PlaneRule
 
 __all__ = ["train_refineseg", "predict_refineseg", "RefinesegDrawings", "RefinesegTraining", "adjust_to_prior",
            "estimate_class_prior", "prior_strength_for_gap", "REFINESEG"]
@@ -534,6 +534,26 @@ def _maps_with_reliability(heads: nn.ModuleList):
     return maps
 
 
+def refineseg_plane_rule(model: Model, prior_correction: bool = True, prior_strength: float | None = None) -> PlaneRule:
+    """One plane's labels from its blended maps: prior-corrected probabilities, their argmax (local).
+
+    What :func:`predict_refineseg` does with every plane, and blockwise prediction with every block.
+    """
+    n_labels, prior = model.n_classes + 1, model.card.get("prior")
+    if prior_strength is None:
+        # Cards written before the strength was a setting used the Bayes rule (1).
+        prior_strength = float((prior or {}).get("strength", 1.0))
+    dtype = label_dtype(model.n_classes)
+
+    def finish(maps: np.ndarray, keep_probabilities: bool):
+        probabilities = maps[:n_labels]
+        if prior_correction and prior:
+            probabilities = adjust_to_prior(probabilities, prior["estimated"], prior["training"], prior_strength)
+        return probabilities.argmax(0).astype(dtype), probabilities if keep_probabilities else None
+
+    return PlaneRule(_maps_with_reliability(model.heads), finish, local=True)
+
+
 def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_SIZE, overlap: int = 64,
                       batch_size: int = 4, name: str = "image", keep_probabilities: bool = True,
                       flips: bool = False, prior_correction: bool = True,
@@ -554,18 +574,11 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
         ``labels``, ``probabilities`` (unless not kept) and ``reliability``.
     """
     image, device, planes = start_prediction(model, image, device, name)
-    n_labels, prior = model.n_classes + 1, model.card.get("prior")
-    if prior_strength is None:
-        # Cards written before the strength was a setting used the Bayes rule (1).
-        prior_strength = float((prior or {}).get("strength", 1.0))
+    rule, n_labels = refineseg_plane_rule(model, prior_correction, prior_strength), model.n_classes + 1
     labels, probabilities, reliability = [], [], []
-    for maps in iter_predict_planes(model.network, planes, device, _maps_with_reliability(model.heads), tile_size,
-                                    overlap, batch_size, flips):
-        plane_probabilities = maps[:n_labels]
-        if prior_correction and prior:
-            plane_probabilities = adjust_to_prior(plane_probabilities, prior["estimated"], prior["training"],
-                                                  prior_strength)
-        labels.append(plane_probabilities.argmax(0).astype(label_dtype(model.n_classes)))
+    for maps in iter_predict_planes(model.network, planes, device, rule.maps, tile_size, overlap, batch_size, flips):
+        plane_labels, plane_probabilities = rule.finish(maps, keep_probabilities)
+        labels.append(plane_labels)
         if keep_probabilities:
             probabilities.append(plane_probabilities)
         if len(maps) > n_labels:
