@@ -11,12 +11,14 @@ Resuming restores every piece of state, so on the same device and thread
 count a resumed run continues bit for bit like an uninterrupted one.
 
 Several processes (:mod:`napari_coarseseg.data_parallel`): the modules and the
-optimiser are the same on every process and rank 0 writes them; each process
-samples its own patches, so the checkpoint also holds the random generators
-of every other rank (header ``rank_rng``, tensors ``rng.torch.rank<r>``) and
-the number of processes (``processes``). Only rank 0 reads and writes the
-file; a resumed run needs as many processes as the interrupted one (its
-random streams are per process), and then continues as it would have.
+optimiser are the same on every process and rank 0 writes them; the
+checkpoint also holds the random generators of every other rank (header
+``rank_rng``, tensors ``rng.torch.rank<r>``: the same states as rank 0's,
+since every process draws the same batches and keeps its own rows) and the
+number of processes (``processes``). Only rank 0 reads and writes the file;
+a resumed run needs as many processes as the interrupted one (each process's
+losses are over its share of the batch, so the float results depend on the
+split), and then continues as it would have.
 One-process checkpoints are as they were.
 """
 
@@ -197,8 +199,9 @@ def restore_checkpoint(checkpoint: dict, *, modules: dict, optimizer, schedule, 
     if written_by != world_size:
         how = "on one process" if written_by == 1 else f"on {written_by} (torchrun --nproc-per-node {written_by})"
         raise CheckpointError(f"the checkpoint was written by a run on {written_by} process"
-                              f"{'es' if written_by > 1 else ''} and this one has {world_size}: every process "
-                              f"samples its own patches, so resume it {how}, or delete it and start afresh")
+                              f"{'es' if written_by > 1 else ''} and this one has {world_size}: a run goes on "
+                              f"exactly only on as many processes, so resume it {how}, or delete it and start "
+                              "afresh")
     try:
         for name, module in modules.items():
             prefix = f"module.{name}."

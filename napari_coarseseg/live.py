@@ -115,7 +115,11 @@ class LiveTraining:
     method : str
         A registered method with live sessions (``"refineseg"``).
     config : TrainingConfig or str, optional
-        Settings or a preset name; default the method's preset.
+        Settings or a preset name; default the method's preset. The method's
+        ``live_settings`` go on top (refineseg: undrawn pixels as weak
+        background instead of the prior correction, see
+        :data:`~napari_coarseseg.methods.refineseg.LIVE_SETTINGS`), then
+        ``overrides``.
     seed, device, rgb, name
         As for the method's ``train``.
     init : Model, optional
@@ -145,7 +149,7 @@ class LiveTraining:
         chosen = get_method(method)
         if chosen.loop is None:
             raise ValueError(f"the {method} method has no live sessions yet; train it with Start instead")
-        self.config = resolve_config(config, chosen.preset, overrides)
+        self.config = resolve_config(config, chosen.preset, {**chosen.live_settings, **overrides})
         self.images = TrainingImages(image, rgb, [name])
         self.loop = chosen.loop(self.images, layers, self.config, seed, device)
         if init is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "transition_regulariser",
     "refineseg_loss",
     "masked_nll",
+    "undrawn_background_loss",
     "edge_aware_smoothness",
     "gaussian_blur",
 ]
@@ -199,6 +200,34 @@ def masked_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     log_p = torch.log_softmax(logits.float(), dim=1)
     value, drawn = _gather(log_p, target)
     return -torch.where(drawn, value, torch.zeros_like(value)).sum() / drawn.sum().clamp(min=1)
+
+
+def undrawn_background_loss(probabilities: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``-log p_0`` (background) over the pixels that no target marks: undrawn pixels as weak background.
+
+    The biased positive-unlabelled loss [4]_: where the drawings say nothing,
+    most pixels are background, so a small weight on "undrawn is background"
+    teaches the network the class prior that partial drawings hide (strokes
+    on nuclei and on a ring around them say nothing of how much of the
+    image is nucleus). The drawn pixels outweigh it where they are, and
+    objects nobody drew still look like the drawn ones. ``targets``: the
+    drawing layers' (B, H, W) targets; an undrawn pixel is -1 in all.
+
+    References
+    ----------
+    .. [4] C. Elkan, K. Noto, "Learning classifiers from only positive and
+       unlabeled data", KDD 2008.
+
+    Examples
+    --------
+    >>> p = torch.tensor([0.8, 0.5]).view(1, 1, 1, 2)
+    >>> p = torch.cat([p, 1 - p], dim=1)  # background 0.8 and 0.5
+    >>> drawn = torch.tensor([[[-1, 1]]])  # the second pixel is drawn: only the first counts
+    >>> round(float(undrawn_background_loss(p, [drawn])), 4) == round(-float(np.log(0.8)), 4)
+    True
+    """
+    undrawn = torch.stack(targets).lt(0).all(0)
+    return masked_cross_entropy(probabilities, torch.where(undrawn, 0, -1))
 
 
 def edge_aware_smoothness(probabilities: torch.Tensor, images: torch.Tensor, radius: int = 2,

@@ -30,6 +30,7 @@ __all__ = [
     "select_device",
     "describe_device",
     "run_to_end",
+    "random_seed",
     "seed_everything",
     "models_dir",
 ]
@@ -79,6 +80,12 @@ class TrainingConfig:
         the patch (:func:`~napari_coarseseg.losses.edge_aware_smoothness`; 0:
         off), its intensity scale in units of the normalised image, and the
         Gaussian blur (px) of the image its pair weights are computed on.
+    undrawn_weight : float
+        Refineseg: weight of the term that takes the pixels no drawing marks
+        as weak background (:func:`~napari_coarseseg.losses.undrawn_background_loss`;
+        0: off). It teaches the network the class prior that strokes hide,
+        in place of the prior correction: live sessions use it with
+        ``prior_strength`` 0 (:data:`~napari_coarseseg.methods.refineseg.LIVE_SETTINGS`).
     drawn_fraction : float
         Fraction of patches centred on a drawn pixel.
     jitter : float
@@ -144,6 +151,7 @@ class TrainingConfig:
     smoothness_weight: float = 0.0
     smoothness_sigma: float = 0.5
     smoothness_blur: float = 0.0
+    undrawn_weight: float = 0.0
     drawn_fraction: float = 0.7
     jitter: float = 0.1
     evolution_every: int = 50
@@ -182,6 +190,8 @@ class TrainingConfig:
         if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0 and self.smoothness_blur >= 0):
             raise ValueError(f"smoothness_weight and smoothness_blur must be >= 0 and smoothness_sigma > 0, got "
                              f"{self.smoothness_weight}, {self.smoothness_blur} and {self.smoothness_sigma}")
+        if not self.undrawn_weight >= 0:
+            raise ValueError(f"undrawn_weight must be >= 0 (0: off), got {self.undrawn_weight}")
         if not isinstance(self.slice_context, int) or isinstance(self.slice_context, bool) or self.slice_context < 0:
             raise ValueError(f"slice_context must be a whole number >= 0 (slices on either side), "
                              f"got {self.slice_context!r}")
@@ -303,16 +313,23 @@ def describe_device(device: torch.device) -> str:
     return f"CPU, {n} thread{'' if n == 1 else 's'}"
 
 
-def seed_everything(seed: int | None, offset: int = 0) -> tuple[np.random.Generator, torch.Generator]:
-    """Seed torch with ``seed`` and return NumPy and torch generators for data sampling, seeded ``seed + offset``.
+def random_seed() -> int:
+    """A fresh seed from the operating system's entropy (what ``seed=None`` means), in ``[0, 2**31)``."""
+    return int(np.random.SeedSequence().entropy % 2**31)
 
-    Torch's global generator initialises the networks; ``offset`` is a
-    process's rank in data-parallel training (:mod:`napari_coarseseg.data_parallel`):
-    the same initial weights everywhere, but each process samples its own patches.
+
+def seed_everything(seed: int | None) -> tuple[np.random.Generator, torch.Generator]:
+    """Seed torch with ``seed`` and return NumPy and torch generators for data sampling, seeded ``seed``.
+
+    Torch's global generator initialises the networks; the two returned
+    generators draw the patches and their augmentation. ``None``: a
+    :func:`random_seed`. In data-parallel training
+    (:mod:`napari_coarseseg.data_parallel`) every process passes the same
+    seed (rank 0's random one for ``None``), so that all draw the same
+    batches and each keeps its own rows of them.
     """
-    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+    seed = random_seed() if seed is None else int(seed)
     torch.manual_seed(seed)
-    seed += int(offset)
     return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
 
 

@@ -3,17 +3,19 @@
 On the bundled DSB 2018 sample, drawings simulated on the left half as ``coarseseg demo`` does, the right half
 held out:
 
-- two processes of BATCH / 2 patches per step train a model that segments the held-out half with a Dice within
-  TOLERANCE of one process of BATCH patches, same seed and steps (the figures: :data:`MEASURED`);
+- two processes, each training on its BATCH / 2 rows of the batch that both draw, train a model that segments the
+  held-out half with a Dice within TOLERANCE of one process of BATCH patches, same seed and steps (the figures:
+  :data:`MEASURED`);
 - that run is killed right after its first checkpoint, refused (one line) when resumed on one process, and
   resumed on two to the last step;
 - only rank 0 writes and reports: an audit hook in every process records each file it opens for writing,
   renames or removes, and rank 1's record is empty in both launches;
 - on two spawned processes (the library without the command line): every trained parameter (the network and
   the transition heads; the recursive method's network and approximations) is the same on both after
-  training, though they sampled different patches; the synchronised batch norm of two half batches is that of
-  the whole batch; a run cancelled after a checkpoint and resumed ends with the same weights, bit for bit, as
-  the uninterrupted run;
+  training; the synchronised batch norm of two half batches is that of the whole batch; a run cancelled after a
+  checkpoint and resumed ends with the same weights, bit for bit, as the uninterrupted run; each process's
+  augmented patches of a step are its half of one process's, bit for bit, and the trained weights are one
+  process's up to the losses' normalisation over each half;
 - one-line errors: a batch that 2 processes cannot share, NCCL without GPUs; one process is the one-process run.
 
 Every process runs one torch thread (torchrun's default with several processes; the conftest's in-process).
@@ -39,12 +41,15 @@ import tifffile
 import torch
 from torch import nn
 
-from napari_coarseseg import load_model, predict, simulate
+from napari_coarseseg import load_model, predict, run_to_end, simulate, train_recursive, train_refineseg
 from napari_coarseseg.checkpoint import checkpoint_step
 from napari_coarseseg.cli import checkpoint_path, main
+from napari_coarseseg.data import TrainingImages
 from napari_coarseseg.data_parallel import LaunchError, Ranks, SyncedBatchNorm2d, joined_processes
+from napari_coarseseg.methods.refineseg import RefinesegDrawings, RefinesegTraining
 from napari_coarseseg.metrics import dice
 from napari_coarseseg.samples import load_dsb_nuclei
+from napari_coarseseg.training import TrainingConfig
 
 NPROC = 2
 BATCH = 8  # in all: 4 per process
@@ -53,15 +58,18 @@ EVOLUTION_EVERY = 100
 CHECKPOINT_EVERY = 50
 PRESET = {"steps": STEPS, "batch_size": BATCH, "patch_size": 64, "base_channels": 8, "depth": 3,
           "learning_rate": 0.003, "evolution_every": EVOLUTION_EVERY}
-#: The issue asks for 0.01; at this test's size the seed noise is larger (one process alone, the starting weights
-#: fixed and only the patches drawn anew: 0.909, 0.882, 0.878), so that bound would fail on one seed in three
-#: (below) for reasons that have nothing to do with DDP, and on any machine whose float rounding differs. The test
-#: holds two processes to 0.02 of one; a DDP that broke the averaging (a rank's gradients lost, batch norm on
-#: half batches) costs more (batch norm on half batches, measured: 0.841 / 0.889 against 0.909 / 0.909).
-#: Held-out Dice of this preset (with the prior correction), one process of 8 patches against two of 4, per seed
-#: (probe on the 2 shared CPU cores): differences -0.006, -0.006, +0.014, mean +0.001. The test runs seed 0.
-TOLERANCE = 0.02
-MEASURED = {0: (0.9085, 0.9021), 1: (0.9094, 0.9036), 2: (0.9282, 0.9421)}
+#: What the issue asks. Every process draws and augments the same whole batch of BATCH patches (one process's) and
+#: trains on its own rows of it, so two processes take one process's steps up to float rounding and the losses'
+#: normalisation (each process's masked means are over its half). Held-out Dice of this preset (with the prior
+#: correction), one process of 8 patches against two of 4, per seed (on the 2 shared CPU cores, the two processes
+#: run as the fixture's without the kill): differences -0.0008, -0.0039, +0.0004 (seeds 3 and 4: 0.9361 / 0.9329,
+#: 0.9412 / 0.9413, -0.0032 and +0.0001). The test runs seed 0. Before, each process drew its own patches
+#: (generators seeded seed + rank), and the two-process Dice moved by the seed noise: 0.9021, 0.9036, 0.9421,
+#: differences -0.006, -0.006, +0.014, which only a tolerance of 0.02 passed (the seed noise at this size: one
+#: process alone, the starting weights fixed and only the patches drawn anew, 0.909, 0.882, 0.878). A DDP that
+#: broke the averaging costs more (batch norm on half batches, measured: 0.841 / 0.889 against 0.909 / 0.909).
+TOLERANCE = 0.01
+MEASURED = {0: (0.9085, 0.9077), 1: (0.9094, 0.9056), 2: (0.9282, 0.9285)}
 
 # Every process reports the files it writes: opened for writing, renamed, removed (Python's audit events).
 AUDITED_CLI = '''
@@ -266,47 +274,77 @@ def _state(model) -> dict:
             "batch norms": sorted({type(m).__name__ for m in model.network.modules() if isinstance(m, nn.BatchNorm2d)})}
 
 
+#: The runs of the spawned processes: small enough for seconds, with two transition heads.
+TINY = {"base_channels": 4, "depth": 2, "patch_size": 32, "batch_size": 4, "seed": 3}
+#: Mean absolute difference between the weights of two processes and of one after these runs (refineseg 8 steps,
+#: recursive 2 x 3). Measured, seeds 3 (the test's), 1, 2: refineseg 0.00059, 0.00068, 0.00050; recursive 0.00021,
+#: 0.00021, 0.00013. Not float rounding alone: each process's losses are normalised over its own half (its drawn
+#: pixels; refineseg's Dice term pools its half), which moves the first step's gradients by up to the size of some
+#: of them with these 4-patch batches. Processes that drew patches of their own (seeded seed + rank, as before
+#: issue 18's fix): refineseg 0.00155, 0.00156, 0.00145; recursive 0.00212, 0.00200, 0.00165.
+WEIGHTS_CLOSE = 1e-3
+
+
+def _tiny_sample():
+    """Two 128 x 128 crops of the sample: images, expert masks, simulated drawings."""
+    image, expert = load_dsb_nuclei()
+    crops = [np.s_[:128, :128], np.s_[128:256, :128]]
+    return ([image[crop] for crop in crops], [expert[crop] for crop in crops],
+            [simulate(expert[crop], instances=True, seed=0) for crop in crops])
+
+
+def _tiny_refineseg(device, **options):
+    images, _, drawings = _tiny_sample()
+    return train_refineseg(images[0], [drawings[0].positive], [drawings[0].negative], steps=8, evolution_every=4,
+                           device=device, **TINY, **options)
+
+
+def _tiny_recursive(device):
+    images, experts, drawings = _tiny_sample()
+    return train_recursive(images, [d.partial for d in drawings], [(experts[0] > 0).astype(np.uint8), None],
+                           iterations=2, steps=3, device=device, **TINY)
+
+
+def _tiny_first_batch(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step's augmented images and targets of a tiny refineseg run: this process's rows of them."""
+    images, _, drawings = _tiny_sample()
+    planes = TrainingImages(images[0])
+    config = TrainingConfig(**{k: v for k, v in TINY.items() if k != "seed"})
+    loop = RefinesegTraining(planes, RefinesegDrawings(planes, [drawings[0].positive], [drawings[0].negative]),
+                             config, TINY["seed"], device)
+    return loop.own_batch()
+
+
 def _train_on_rank(rank: int, port: int, folder: str) -> None:
     """One of two processes: refineseg (two transition heads), cancelled and resumed; recursive; a first batch."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from napari_coarseseg import run_to_end, train_recursive, train_refineseg
-    from napari_coarseseg.data import TrainingImages
-    from napari_coarseseg.methods.refineseg import RefinesegDrawings, RefinesegTraining
-    from napari_coarseseg.training import TrainingConfig
-
-    image, expert = load_dsb_nuclei()
-    crops = [np.s_[:128, :128], np.s_[128:256, :128]]
-    drawings = [simulate(expert[crop], instances=True, seed=0) for crop in crops]
-    tiny = {"base_channels": 4, "depth": 2, "patch_size": 32, "batch_size": 4, "seed": 3}
     results = {}
     with joined_processes("cpu") as (ranks, device):
         results["ranks"] = (ranks.rank, ranks.world_size, ranks.backend)
         results["batch norm"] = _batch_norm_of_halves(rank)
-
-        def refineseg(**options):
-            return train_refineseg(image[crops[0]], [drawings[0].positive], [drawings[0].negative], steps=8,
-                                   evolution_every=4, device=device, **tiny, **options)
-
-        results["refineseg"] = _state(run_to_end(refineseg()))
+        results["refineseg"] = _state(run_to_end(_tiny_refineseg(device)))
         # Cancelled after step 5 (checkpoint at 4: every process's generators, rank 0 writing), then resumed.
         checkpoint = Path(folder) / "run.checkpoint"
-        run = refineseg(checkpoint=checkpoint, checkpoint_every=2)
+        run = _tiny_refineseg(device, checkpoint=checkpoint, checkpoint_every=2)
         for event in run:
             if event.step == 5:
                 run.close()
-        results["resumed"] = _state(run_to_end(refineseg(checkpoint=checkpoint, checkpoint_every=2, resume=True)))
-        run = train_recursive([image[crop] for crop in crops], [d.partial for d in drawings],
-                              [(expert[crops[0]] > 0).astype(np.uint8), None], iterations=2, steps=3, device=device,
-                              **tiny)
-        results["recursive"] = _state(run_to_end(run))
-        # The first batch of one more run: each process takes its half of the batch, from patches of its own.
-        images = TrainingImages(image[crops[0]])
-        loop = RefinesegTraining(images, RefinesegDrawings(images, [drawings[0].positive], [drawings[0].negative]),
-                                 TrainingConfig(**{k: v for k, v in tiny.items() if k != "seed"}), tiny["seed"], device)
-        results["first batch"] = (loop.batch_size, float(loop.batch()[0].sum()))
+        results["resumed"] = _state(run_to_end(_tiny_refineseg(device, checkpoint=checkpoint, checkpoint_every=2,
+                                                               resume=True)))
+        results["recursive"] = _state(run_to_end(_tiny_recursive(device)))
+        # The first batch of one more run: each process's half of the batch that both drew.
+        results["first batch"] = _tiny_first_batch(device)
     torch.save(results, Path(folder) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> list[dict]:
+    """What each of two spawned processes (the library, no command line) trained and drew, by rank."""
+    folder = tmp_path_factory.mktemp("spawned")
+    torch.multiprocessing.spawn(_train_on_rank, args=(_free_port(), str(folder)), nprocs=2)
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
 def _same(first: dict, second: dict) -> list[str]:
@@ -315,9 +353,15 @@ def _same(first: dict, second: dict) -> list[str]:
             if not torch.equal(value, second[part][key])]
 
 
-def test_every_trained_parameter_is_the_same_on_every_process(tmp_path):
-    torch.multiprocessing.spawn(_train_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+def _mean_difference(first: dict, second: dict) -> float:
+    """The mean absolute difference between the trained parameters (network and heads) of two saved models."""
+    differences = [(value - second[part][key]).abs().flatten() for part in ("network", "heads")
+                   for key, value in first[part].items() if value.is_floating_point()]
+    return float(torch.cat(differences).mean())
+
+
+def test_every_trained_parameter_is_the_same_on_every_process(spawned):
+    ranks = spawned
     assert [r["ranks"] for r in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
     for result in ranks:
         assert all(value < 1e-5 for value in result["batch norm"].values()), result["batch norm"]
@@ -330,12 +374,24 @@ def test_every_trained_parameter_is_the_same_on_every_process(tmp_path):
     recursive = [r["recursive"]["card"]["training"]["pixels_added_per_iteration"] for r in ranks]
     assert recursive[0] == recursive[1]  # both grew the same approximations
     assert ranks[0]["refineseg"]["card"]["training"]["processes"] == 2
-    (size, first), (other_size, other) = (r["first batch"] for r in ranks)
-    assert size == other_size == 2 and first != other
     # Cancelled after a checkpoint and resumed on as many processes: the uninterrupted run's weights, bit for bit.
     for result in ranks:
         assert _same(result["resumed"], result["refineseg"]) == []
     assert ranks[0]["resumed"]["card"]["prior"] == ranks[0]["refineseg"]["card"]["prior"]
+
+
+def test_two_processes_take_the_steps_of_one_process(spawned):
+    """The processes draw the batch one process draws, each training on its half: the same augmented patches,
+    bit for bit, and after the runs the one-process weights, within WEIGHTS_CLOSE."""
+    images, targets = _tiny_first_batch("cpu")  # this process has no process group: one process, the whole batch
+    assert len(images) == TINY["batch_size"]
+    for rank, result in enumerate(spawned):
+        own_images, own_targets = result["first batch"]
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(own_images, images[rows]) and torch.equal(own_targets, targets[:, rows]), rank
+    for method, run in (("refineseg", _tiny_refineseg), ("recursive", _tiny_recursive)):
+        alone = _state(run_to_end(run("cpu")))
+        assert _mean_difference(spawned[0][method], alone) < WEIGHTS_CLOSE, method
 
 
 # --------------------------------------------------------------------------- one-line errors; one process untouched

@@ -7,9 +7,10 @@ napari, on the real DSB sample with strokes on one quadrant: the first
 preview within 5 s, corrections painted through ``data_setitem`` lower the
 errors where they were painted within 30 s, the event loop never stalls
 300 ms, stop within 5 s, and the user's layers are never written; the "draw
-here next" map's top 10 % hold at least twice the average error rate. The
-Dice after 60 s and the size of the correction's effect are printed: they
-vary from run to run (see the test) and are measured in benchmarks/live.py.
+here next" map's top 10 % hold at least twice the average error rate; the
+whole image's Dice after 60 s is at least 0.85 and the corrections halve
+the errors where they were painted within 30 s (benchmarks/live.py measures
+the same on three annotators).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+from napari_coarseseg import predict
 from napari_coarseseg.annotations import simulate, simulate_corrections
 from napari_coarseseg.live import LivePreview, LiveTraining
+from napari_coarseseg.methods.refineseg import LIVE_SETTINGS
 from napari_coarseseg.metrics import dice
 
 TINY = dict(base_channels=4, depth=2, patch_size=32, batch_size=2, device="cpu")
@@ -77,6 +80,22 @@ def test_a_session_without_transition_heads_averages_the_network_alone(discs, di
     for mine, averaged in zip(session.model().network.state_dict().values(),
                               session.averaged["network"].state_dict().values(), strict=True):
         assert torch.equal(mine, averaged)
+
+def test_a_session_learns_the_prior_itself_and_its_model_predicts_what_the_preview_showed(discs, disc_drawings):
+    # Live settings: undrawn pixels as weak background and the smoothness term in the loss, no prior correction.
+    image, _ = discs
+    layers = {"positive": [disc_drawings.positive], "negative": [disc_drawings.negative]}
+    session = LiveTraining(image, layers, **TINY)
+    assert {name: getattr(session.config, name) for name in LIVE_SETTINGS} == LIVE_SETTINGS
+    assert LiveTraining(image, layers, undrawn_weight=0, **TINY).config.undrawn_weight == 0  # the caller's wins
+    for event in session.run(first_preview=0, preview_every=0):
+        if isinstance(event, LivePreview) and event.step >= 3:
+            session.stop()  # the last event: the model then is the preview's
+    assert isinstance(event, LivePreview) and event.losses["undrawn"] > 0 and event.losses["smoothness"] > 0
+    model = session.model()
+    assert model.card["prior"]["strength"] == 0
+    assert np.mean(predict(model, image, device="cpu").labels == event.labels) > 0.999
+
 
 def test_a_session_starts_from_a_model_of_the_same_method_classes_and_channels(discs, disc_drawings,
                                                                               tiny_model, tiny_two_class_model):
@@ -177,11 +196,12 @@ def test_live_session_on_the_sample_previews_fast_follows_corrections_and_never_
     assert errors == []
     assert previews[-1][1].box == (slice(0, 512), slice(0, 512))
     assert first_preview <= 5, f"first preview after {first_preview:.1f} s"
-    # The whole image's Dice after 60 s (issue 16 asks >= 0.85) and the halving of the errors in the corrected
-    # regions are printed, not asserted: on this annotator they were met in 4 runs of 5 each (0.823 and
-    # 3048 -> 2269 the misses), so they are benchmark figures (benchmarks/live.py, three annotators) until the
-    # previews are steady. A correction must still lower the errors where it was painted.
-    assert errors_after < errors_before, f"errors in the corrected regions {errors_before} -> {errors_after}"
+    # Issue 16: the whole image's Dice after 60 s >= 0.85, and the errors in the corrected regions halved within
+    # 30 s. With the live settings (no prior correction, undrawn pixels as weak background) this annotator's run
+    # gave 0.915 and 2340 -> 760 here (idle 2 cores, 260 steps); benchmarks/live.py's three annotators 0.898-0.928
+    # after 60 s and already 0.877-0.892 after 30 s, so a machine half as fast still passes.
+    assert after_60s >= 0.85, f"whole-image Dice after 60 s {after_60s:.3f}"
+    assert errors_after <= errors_before / 2, f"errors in the corrected regions {errors_before} -> {errors_after}"
     assert error_ratio >= 2, f"the top 10 % of 'draw here next' hold {error_ratio:.1f} x the mean error rate"
     assert positive.any() and negative.any() and last_preview > 5
     assert stop_seconds <= 5

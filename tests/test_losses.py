@@ -25,6 +25,7 @@ from napari_coarseseg.losses import (
     positive_loss,
     refineseg_loss,
     transition_regulariser,
+    undrawn_background_loss,
 )
 
 SMOOTH = 1e-5  # masked_dice_loss's default smoothing
@@ -383,3 +384,23 @@ def test_gaussian_blur_matches_scipy():
                          for im in images.numpy()])
     np.testing.assert_allclose(gaussian_blur(images, 1.5).numpy(), expected, atol=1e-5)
     assert gaussian_blur(images, 0) is images
+
+
+def test_undrawn_background_loss_by_hand():
+    # Two layers over one 1 x 3 image: pixel 0 drawn by the first, pixel 1 by the second, pixel 2 by neither.
+    background = [0.9, 0.2, 0.7]
+    p = t([[background, [1 - b for b in background]]]).unsqueeze(2)  # (1, 2, 1, 3)
+    first, second = target([[[1, -1, -1]]]), target([[[-1, 0, -1]]])
+    assert float(undrawn_background_loss(p, [first, second])) == pytest.approx(-math.log(0.7))
+    # Without the second layer, pixel 1 is undrawn too: the mean over two pixels.
+    assert float(undrawn_background_loss(p, [first])) == pytest.approx(-(math.log(0.2) + math.log(0.7)) / 2)
+
+
+def test_undrawn_background_loss_pulls_only_undrawn_pixels_towards_background():
+    logits = torch.zeros(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    drawn = target(np.where(np.arange(16).reshape(4, 4) < 6, 1, -1)[None].repeat(2, 0))
+    undrawn_background_loss(torch.softmax(logits, 1), [drawn]).backward()
+    grad = logits.grad
+    assert torch.all(grad[:, :, drawn[0] >= 0] == 0)
+    # A step against the gradient raises the background logit and lowers the others, where nothing is drawn.
+    assert torch.all(grad[:, 0][:, drawn[0] < 0] < 0) and torch.all(grad[:, 1:][:, :, drawn[0] < 0] > 0)

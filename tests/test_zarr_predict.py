@@ -257,6 +257,22 @@ def test_ome_zarr_in_gives_ome_zarr_labels_out_with_the_scale(blob_model, tmp_pa
     assert labels.metadata["coordinateTransformations"][0] == [{"type": "scale", "scale": list(scale)}]
 
 
+@pytest.mark.gui
+def test_napari_opens_the_ome_zarr_labels_with_their_scale(make_napari_viewer, blob_model, tmp_path, capsys):
+    """napari-ome-zarr (the ``cluster`` extra) opens ``OUT.zarr`` as a Labels layer on the input's grid."""
+    pytest.importorskip("napari_ome_zarr")
+    _, path = blob_model
+    scale = (2.0, 0.5, 0.25)
+    write_ome(tmp_path / "in.zarr", blobs((3, 200, 180)), scale, "0.4", False)
+    out = tmp_path / "out.zarr"
+    code, _, err = run(capsys, "predict", path, tmp_path / "in.zarr", "--out", out, "--quiet")
+    assert code == 0, err
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(out), plugin="napari-ome-zarr")
+    assert layer.__class__.__name__ == "Labels" and tuple(layer.scale) == scale
+    assert np.array_equal(np.asarray(layer.data), zarr.open_group(str(out), mode="r")["0"][...])
+
+
 def test_a_2d_array_and_a_channel_axis(blob_model, tmp_path, capsys):
     model, path = blob_model
     image = blobs((1, 200, 300))[0]

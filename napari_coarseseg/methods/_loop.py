@@ -10,7 +10,7 @@ A run goes through the same phases whatever the method:
 5. AdamW over every module with a one-cycle schedule over all steps;
    with several processes (:mod:`napari_coarseseg.data_parallel`), one DDP over
    every module averages their gradients, each process on its own
-   ``batch_size / N`` patches;
+   ``batch_size / N`` rows of the batch that every process draws alike;
 6. checkpoint and resume (:class:`~napari_coarseseg.checkpoint.RunCheckpoint`);
 7. the start event, then one event per optimiser step;
 8. teardown (modules back on the CPU, GPU memory released), also when the
@@ -50,6 +50,7 @@ from ..training import (
     TrainingEvent,
     autocast,
     describe_device,
+    random_seed,
     release_device_memory,
     seed_everything,
     select_device,
@@ -89,7 +90,9 @@ class TrainingLoop:
     :meth:`loss_terms`, :meth:`initial_masks`, :meth:`evolve`,
     :meth:`card_fields`; where the default does not fit, :meth:`batch`,
     :meth:`forward`, :attr:`total_steps`, :meth:`checkpoint_due`,
-    :meth:`method_state` and :meth:`restore_method_state`.
+    :meth:`method_state` and :meth:`restore_method_state`. :meth:`batch`
+    returns the whole batch of a step, also with several processes:
+    ``rows`` (a slice) is the share of it that this process trains on.
     """
 
     #: The method's name, as cards and checkpoints record it.
@@ -106,10 +109,13 @@ class TrainingLoop:
         images = images.set_normalisation(config.normalisation).set_slice_context(config.slice_context)
         self.images, self.config, self.seed = images, config, seed
         self.device = select_device(device)
-        # Several processes (an initialised process group): one model, each process on its own patches.
+        # Several processes (an initialised process group): one model; every process draws and augments the whole
+        # batch of each step and trains on its own rows of it (optimise), so that they take one process's steps.
         self.ranks = Ranks.current()
-        self.batch_size = self.ranks.per_process(config.batch_size)
-        self.rng, self.torch_rng = seed_everything(seed, offset=self.ranks.rank)
+        share = self.ranks.per_process(config.batch_size)
+        self.rows = slice(self.ranks.rank * share, (self.ranks.rank + 1) * share)
+        # The same batches on every process: the same seed (rank 0's random one when none is given).
+        self.rng, self.torch_rng = seed_everything(self.ranks.broadcast(random_seed() if seed is None else seed))
         self.modules = {name: module.to(self.device) for name, module in self.build_modules().items()}
         if init is not None:
             self.start_from(init)
@@ -141,8 +147,9 @@ class TrainingLoop:
         raise NotImplementedError
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Images (B, C, P, P) and targets (S, B, P, P) of one step (B: this process's ``batch_size``)."""
-        return self.sampler.batch(self.batch_size)
+        """Images (B, C, P, P) and targets (S, B, P, P) of one step: the whole batch, ``B = config.batch_size``,
+        also with several processes (each keeps its ``rows`` after augmenting it: :meth:`own_batch`)."""
+        return self.sampler.batch(self.config.batch_size)
 
     def forward(self, images: torch.Tensor):
         """The modules' outputs on a batch (runs under the device's autocast)."""
@@ -286,11 +293,19 @@ class TrainingLoop:
         return TrainingEvent(self.step, self.total_steps, {}, 0.0, iteration=self.plane,
                              message=f"resumed at step {self.step}/{self.total_steps}")
 
-    def optimise(self, step: int) -> dict[str, float]:
-        """One optimiser step on a fresh batch; the loss terms as floats (``step`` names it in errors)."""
+    def own_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next step's batch, augmented, on the CPU: this process's ``rows`` of it (all of it with one
+        process), images (b, C, P, P) and targets (S, b, P, P)."""
         images, targets = self.batch()
         images, targets = augment(torch.from_numpy(images), torch.from_numpy(targets), self.torch_rng,
                                   self.config.jitter)
+        # Every process drew and augmented the same whole batch from the same generators (one process's draws,
+        # whatever the number of processes); each keeps its own share.
+        return images[self.rows], targets[:, self.rows].contiguous()
+
+    def optimise(self, step: int) -> dict[str, float]:
+        """One optimiser step on a fresh batch; the loss terms as floats (``step`` names it in errors)."""
+        images, targets = self.own_batch()
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         with autocast(self.device):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -104,6 +104,9 @@ class Method:
         :class:`~napari_coarseseg.data.TrainingImages` and drawing layers by
         role, for live sessions (:mod:`napari_coarseseg.live`); ``None`` for a
         method without them.
+    live_settings : mapping
+        The :class:`~napari_coarseseg.TrainingConfig` fields a live session
+        changes from the preset (settings the caller passes win).
     """
 
     name: str
@@ -115,6 +118,7 @@ class Method:
     build_model: Callable[[dict], Model]
     length: tuple[str, ...] = ("steps",)
     loop: Callable | None = None
+    live_settings: Mapping = field(default_factory=dict)
 
     @property
     def role_names(self) -> tuple[str, ...]:

@@ -306,9 +306,10 @@ class RecursiveTraining(TrainingLoop):
         weights = config.task_weights
         self.weights = {"segmentation": weights.get("strong", 1.0), "approximation": weights.get("partial", 1.0),
                         "separation": weights.get("separation", 0.5)}
-        # At least one patch of each kind per step (with a batch of 1, draws from all planes); of this process's
-        # share of the batch when several processes train (self.batch_size).
-        self.n_strong = min(max(1, round(STRONG_SHARE * self.batch_size)), self.batch_size - 1)
+        # At least one patch of each kind per step (with a batch of 1, draws from all planes); of the whole batch,
+        # also when several processes train (each keeps its rows of it: TrainingLoop.own_batch).
+        size = self.config.batch_size
+        self.n_strong = min(max(1, round(STRONG_SHARE * size)), size - 1)
 
     def build_modules(self):
         config = self.config
@@ -325,7 +326,7 @@ class RecursiveTraining(TrainingLoop):
         return self.config.steps * self.config.iterations
 
     def batch(self):
-        size = self.batch_size
+        size = self.config.batch_size
         parts = [self.sampler.batch(size - self.n_strong)]
         if self.n_strong:
             parts.append(self.sampler.batch(self.n_strong, planes=self.masks.strong_planes))
