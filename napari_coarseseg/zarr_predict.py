@@ -113,6 +113,20 @@ def _import_zarr():
 # --------------------------------------------------------------------------- input
 
 
+class _OpenedInEachProcess:
+    """A store's description that opens the store at most once per process: the opened handle (``_opened``)
+    is left out of the pickle, so dask ships the description and each worker opens the store itself."""
+
+    def __post_init__(self):
+        self._opened = None
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "_opened"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _opened=None)
+
+
 class _Shape:
     """Shape and dtype of an image without its pixels, for the package's image checks (which read none of a
     lazy array's)."""
@@ -125,7 +139,7 @@ class _Shape:
 
 
 @dataclass
-class ZarrInput:
+class ZarrInput(_OpenedInEachProcess):
     """An input array in the (Z, Y, X, C) order blocks read, and what the output copies from it.
 
     ``roles`` name each stored axis: ``"t"`` (one time point, dropped),
@@ -140,15 +154,6 @@ class ZarrInput:
     dtype: str
     zarr_format: int
     ome: dict | None = None  # {"version", "axes" (spatial), "scale", "translation"} of an OME-Zarr image
-
-    def __post_init__(self):
-        self._opened = None
-
-    def __getstate__(self):
-        return {key: value for key, value in self.__dict__.items() if key != "_opened"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _opened=None)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -314,28 +319,19 @@ def _ome_attributes(version: str, multiscales: dict, label: bool) -> dict:
 
 
 @dataclass
-class ZarrOutput:
+class ZarrOutput(_OpenedInEachProcess):
     """The output store as tasks write it: labels and probabilities per block, then the block's done flag."""
 
     path: str
     planar: bool
     probabilities: bool
 
-    def __post_init__(self):
-        self._arrays = None
-
-    def __getstate__(self):
-        return {key: value for key, value in self.__dict__.items() if key != "_arrays"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _arrays=None)
-
     def _open(self) -> dict:
-        if self._arrays is None:
+        if self._opened is None:
             group = _import_zarr().open_group(self.path, mode="r+")
-            self._arrays = {"labels": group["0"], "done": group["done"],
+            self._opened = {"labels": group["0"], "done": group["done"],
                             "probabilities": group["probabilities/0"] if self.probabilities else None}
-        return self._arrays
+        return self._opened
 
     def write(self, bounds, labels: np.ndarray) -> None:
         """The labels (bz, by, bx) of the block at ``bounds``: whole chunks, no read."""
