@@ -55,9 +55,8 @@ def strokes_on(truth: np.ndarray, quadrant: str, seed: int) -> dict:
             "negative": [(drawn.negative * inside).astype(np.uint8)]}
 
 
-def session_figures(image, truth, seed: int) -> dict:
-    """One scripted session: previews for 60 s, corrections, 30 s more, stop."""
-    layers = strokes_on(truth, "top-left", seed)
+def session_figures(image, truth, layers: dict, seed: int) -> dict:
+    """One scripted session from the drawing ``layers``: previews for 60 s, corrections, 30 s more, stop."""
     offered = []
     start = time.perf_counter()
     session = LiveTraining(image, layers, seed=seed, device="cpu", name="dsb")
@@ -95,11 +94,10 @@ def session_figures(image, truth, seed: int) -> dict:
     return figures
 
 
-def forest_figures(image, truth, seed: int, threads: int) -> dict:
+def forest_figures(image, truth, layers: dict, seed: int, threads: int) -> dict:
     """The baseline on the same strokes: the random forest of ilastik-like features, whole-image Dice and seconds."""
     from baselines import random_forest_fit, random_forest_predict
 
-    layers = strokes_on(truth, "top-left", seed)
     labels = np.where(layers["positive"][0] > 0, 2, np.where(layers["negative"][0] > 0, 1, 0)).astype(np.uint8)
     start = time.perf_counter()
     forest = random_forest_fit([image], [labels], seed=seed, n_jobs=threads)
@@ -135,10 +133,11 @@ def main(argv=None) -> int:
     image, truth = load_dsb_nuclei()
     runs, init_runs = [], []
     for seed in range(args.seeds):
-        runs.append({**session_figures(image, truth, seed), **forest_figures(image, truth, seed, args.threads)})
+        layers = strokes_on(truth, "top-left", seed)
+        runs.append({**session_figures(image, truth, layers, seed),
+                     **forest_figures(image, truth, layers, seed, args.threads)})
         # The model a session on the top-left quadrant would have saved: the live settings, 300 steps.
-        related = run_to_end(train_refineseg(image, **strokes_on(truth, "top-left", seed), seed=seed, device="cpu",
-                                             steps=300, **LIVE_SETTINGS))
+        related = run_to_end(train_refineseg(image, **layers, seed=seed, device="cpu", steps=300, **LIVE_SETTINGS))
         init_runs.append({"scratch": steps_to_target(image, truth, seed, args.target),
                           "init": steps_to_target(image, truth, seed, args.target, init=related)})
         print(runs[-1], init_runs[-1], flush=True)
