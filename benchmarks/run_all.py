@@ -12,7 +12,9 @@ Runs, one after the other (each alone on the machine, so timings are clean):
    ``heads.py`` (what the heads and the network learn from a 4 px biased annotator, about 3 minutes);
    ``volume.py run`` (the 30-slice EM volume drawn on 5 slices: refineseg with and without heads, the forest
    and naive training, 3 seeds, about 40 minutes on 2 cores; runs already in ``volume_runs.json`` are kept);
-6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes).
+6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes);
+7. ``live.py`` and ``live_recursive.py`` (scripted live sessions of each method, 3 annotators, about 12
+   minutes each); ``distributed_predict.py`` (a zarr volume on a local dask cluster, a few minutes).
 
 Then writes ``results.json`` (every script's JSON under its name) and
 ``results.md`` (every script's Markdown under a heading) into the output
@@ -50,6 +52,7 @@ BENCHMARKS = {
     "heads": ("heads.py", [], "What the transition heads learn from a biased annotator"),
     "recursive": ("recursive.py", [], "Recursive approximation accuracy"),
     "live": ("live.py", [], "Live sessions"),
+    "live_recursive": ("live_recursive.py", [], "Live sessions of the recursive method"),
     "volume": ("volume.py", ["run", "--settings", "preset", "no heads", "preset per slice", "no heads per slice"],
                "Volumes"),
     "distributed_predict": ("distributed_predict.py", ["--shape", "8,1024,1024"],

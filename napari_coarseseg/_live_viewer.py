@@ -246,7 +246,7 @@ def live_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, preset: str |
     image : str or Layer
         The image layer (name or layer).
     method : str
-        A method with live sessions (``"refineseg"``).
+        A method with live sessions: ``"refineseg"`` or ``"recursive"``.
     preset, device, seed
         As for :func:`~napari_coarseseg._viewer.train_in_viewer`.
     init : Model, optional

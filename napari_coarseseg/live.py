@@ -9,7 +9,9 @@ A live session keeps one training loop (:class:`~napari_coarseseg.methods.Traini
   drawn pixels centre on the changed pixels for a while, so new strokes are
   learned first; strokes painted during the session are the user's
   corrections and are taken as exact (no transition head explains them
-  away, :meth:`TrainingLoop.trust_new_strokes`);
+  away, :meth:`TrainingLoop.trust_new_strokes`); after every step the method
+  does what else it does between steps (:meth:`TrainingLoop.live_update`:
+  the recursive method grows its regions every ``steps`` steps);
 - the learning rate warms up over ``warmup_steps`` steps and then stays
   constant (a one-cycle schedule needs an end, a live session has none);
   previews and the session's model use an exponential moving average of the
@@ -113,7 +115,10 @@ class LiveTraining:
         shape), as the method's ``train`` takes them, e.g. ``{"positive":
         [strokes], "negative": [not_strokes]}``.
     method : str
-        A registered method with live sessions (``"refineseg"``).
+        A registered method with live sessions: ``"refineseg"`` (strokes) or
+        ``"recursive"`` (partial regions and exact masks on a few slices of a
+        stack; its regions grow every ``steps`` steps, as in a run, and a
+        slice's regions painted during the session grow at once).
     config : TrainingConfig or str, optional
         Settings or a preset name; default the method's preset. The method's
         ``live_settings`` go on top (refineseg: undrawn pixels as weak
@@ -208,6 +213,7 @@ class LiveTraining:
                 step = loop.step + 1
                 self.losses = loop.optimise(step)
                 loop.step = step
+                loop.live_update(step)
                 # Bias-corrected as in TensorFlow's moving averages: early on, the random start weighs little.
                 self._update_average(min(average, (1 + step) / (10 + step)))
                 if step % refresh_every == 0:

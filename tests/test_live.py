@@ -29,7 +29,10 @@ from napari_coarseseg.live import LivePreview, LiveTraining
 from napari_coarseseg.methods.refineseg import LIVE_SETTINGS
 from napari_coarseseg.metrics import dice
 
+from conftest import disc_image, disc_mask
+
 TINY = dict(base_channels=4, depth=2, patch_size=32, batch_size=2, device="cpu")
+TINY_RECURSIVE = dict(base_channels=8, depth=2, patch_size=32, batch_size=4, device="cpu")
 
 
 def test_new_strokes_are_taken_in_with_the_same_weights_and_optimiser_and_learned_first(discs, disc_drawings):
@@ -112,6 +115,53 @@ def test_a_session_starts_from_a_model_of_the_same_method_classes_and_channels(d
         LiveTraining(image, layers, init=tiny_two_class_model, **settings)
     with pytest.raises(ValueError, match="base_channels"):
         LiveTraining(image, layers, init=tiny_model, **{**settings, "base_channels": 8})
+
+
+def test_a_recursive_session_grows_its_regions_takes_in_new_ones_at_once_and_segments_an_undrawn_slice(discs):
+    # A stack: slice 0 exact mask + partial regions, slice 1 partial regions on the left discs only (the right
+    # ones are painted during the session), slice 2 another layout, undrawn: the preview scored there.
+    image, mask = discs
+    other = disc_mask(discs=[(14, 40, 8), (40, 14, 8), (46, 46, 9)])
+    stack = np.stack([image, disc_image(mask, 1), disc_image(other, 2)])
+    partial = simulate(mask, seed=0).partial
+    left = partial * (np.arange(64)[None, :] < 32)
+    strong = np.stack([mask, 0 * mask, 0 * mask])
+    layers = {"partial": [np.stack([partial, left, 0 * mask])], "strong": [strong]}
+    session = LiveTraining(stack, layers, "recursive", steps=15, **TINY_RECURSIVE)  # growths at 15, 30, ...
+    optimiser, network = session.loop.optimizer, session.loop.network
+    more = {"partial": [np.stack([partial, partial, 0 * mask])], "strong": [strong]}
+    offers = iter([None] * 3 + [more])
+    before = {}
+    for event in session.run(lambda: next(offers, None), read_region=lambda: (2, np.s_[:, :]), refresh_every=10,
+                             first_preview=0, preview_every=0):
+        if event.step == 30:  # two growths done; the right regions of slice 1 come at the read of step 40
+            before = {i: session.loop.masks.seeds[i].copy() for i in (0, 1)}
+        if event.step == 40:
+            assert event.drawings_version == 1
+            masks = session.loop.masks
+            # Slice 0's drawing did not change: it keeps its grown regions.
+            assert np.array_equal(masks.seeds[0], before[0])
+            right = (np.arange(64)[None, :] >= 32) & (partial > 0)
+            # Slice 1's new regions grew at once (towards T1's foreground of the last growth), beyond the drawing.
+            grown_right = (masks.seeds[1] > 0) & (np.arange(64)[None, :] >= 32)
+            assert grown_right.sum() > 1.2 * right.sum() and (masks.seeds[1][right] > 0).all()
+        if event.step >= 120 and isinstance(event, LivePreview):  # previews come at most every 4 x their cost
+            session.stop()
+    assert session.loop.optimizer is optimiser and session.loop.network is network
+    assert len(session.loop.pixels_added) == event.step // 15 and sum(session.loop.pixels_added[:2]) > 0
+    # Every region only grew, and the grown regions of slice 0 stay inside the exact mask's objects.
+    assert np.all(session.loop.masks.seeds[0][partial > 0] > 0)
+    assert np.mean(mask[session.loop.masks.seeds[0] > 0] > 0) > 0.95
+    assert isinstance(event, LivePreview) and dice(event.labels > 0, other > 0) >= 0.85
+    assert 0 <= event.draw_here.min() and event.draw_here.max() <= 1
+    # Interface scribbles need a network with the interface task: refused, the old drawings kept.
+    session = LiveTraining(stack, layers, "recursive", steps=10, **TINY_RECURSIVE)
+    scribbles = {**layers, "separation": [np.stack([mask * 0, mask * 0, other])]}
+    for event in session.run(lambda: scribbles, refresh_every=2, first_preview=1e9):
+        if event.step == 4:
+            session.stop()
+    assert event.drawings_version == 0 and "interface" in event.message
+    assert session.model().card["method"] == "recursive"
 
 
 # ---------------------------------------------------------------------------------------------------- napari

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
@@ -132,6 +133,37 @@ def test_live_button_trains_until_pressed_again_then_the_model_can_be_saved(view
     widget.save_model(tmp_path / "live.safetensors")
     assert (tmp_path / "live.safetensors").is_file() and errors == []
     assert any(key.endswith("L") and "Shift" in str(key) for key in map(str, viewer.keymap))  # the shortcut
+
+
+def test_live_on_the_tiles_sample_takes_in_a_partial_region_painted_during_the_session(make_napari_viewer, qtbot,
+                                                                                         errors):
+    """The recursive method live: the tiles sample, Live, a partial region painted by the brush's route."""
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer)
+    viewer.open_sample(PLUGIN, "dsb2018_nuclei_tiles")
+    partial = viewer.layers["partial masks"]
+    # One nucleus of slice 5 has no partial region yet (the user has not got to it).
+    regions = ndimage.label(partial.data[5] > 0)[0]
+    later = regions == np.bincount(regions.ravel())[1:].argmax() + 1  # the largest region
+    partial.data_setitem((np.full(later.sum(), 5), *np.nonzero(later)), 0)
+    drawn = partial.data.copy()
+    viewer.dims.set_current_step(0, 5)
+    widget.live_button.click()
+    assert widget.live is not None and widget.method.currentText() == "recursive"
+    qtbot.waitUntil(lambda: widget.live is not None and widget.live.previews >= 1, timeout=60_000)
+    partial.data_setitem((np.full(later.sum(), 5), *np.nonzero(later)), 1)  # now it is painted
+    qtbot.waitUntil(lambda: "taken in 1 times" in widget.status.text(), timeout=60_000)
+    session = widget.live
+    qtbot.waitUntil(lambda: session.previews >= 3, timeout=60_000)
+    started = time.perf_counter()
+    widget.toggle_live()
+    assert time.perf_counter() - started <= 5 and errors == []
+    assert (session.training.loop.masks.seeds[5][later] > 0).all()  # one of slice 5's regions now
+    assert widget.model.card["method"] == "recursive" and widget.model.card["training"]["live"]
+    shown = viewer.layers["nuclei tiles (DSB 2018) prediction"].data
+    assert shown.shape == drawn.shape and shown[5].any()  # the slice in view was previewed
+    drawn[5][later] = 1
+    assert np.array_equal(partial.data, drawn)  # the session wrote nothing
 
 
 def test_train_widget_without_drawings_notifies(viewer, errors):

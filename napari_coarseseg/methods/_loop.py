@@ -219,6 +219,10 @@ class TrainingLoop:
                        for i in range(len(self.images.planes))]
             self.sampler.focus_on(changed, focus_fraction)
 
+    def live_update(self, step: int) -> None:
+        """What a live session does after optimiser ``step`` besides optimising (the recursive method grows its
+        approximations every ``steps`` steps); nothing by default."""
+
     def trust_new_strokes(self) -> None:
         """Take strokes painted from now on as exact, where the method models drawing errors (a live session
         calls this at its start; methods without an error model have nothing to do)."""

@@ -59,7 +59,14 @@ from scipy.ndimage import maximum as ndi_maximum
 
 from ..annotations import AnnotationError, label_dtype
 from ..data import TrainingImages, in_plane_spacing
-from ..inference import TILE_SIZE, Prediction, assemble_planes, iter_predict_planes, start_prediction
+from ..inference import (
+    TILE_SIZE,
+    Prediction,
+    assemble_planes,
+    iter_predict_planes,
+    predict_planes,
+    start_prediction,
+)
 from ..levelset import check_spacing, grow_regions, label_regions, separate_objects
 from ..losses import masked_nll
 from ..model_io import Model, ModelFileError, input_channels
@@ -189,7 +196,8 @@ class RecursiveMasks:
         when no plane carries both masks.
         """
         reaches = []
-        for strong, seeds, spacing in zip(self.strong, self.seeds, self.images.plane_spacing, strict=True):
+        # The drawn regions, not the grown ones (a live session asks again after growths).
+        for strong, seeds, spacing in zip(self.strong, self.partial, self.images.plane_spacing, strict=True):
             if strong is None or seeds is None:
                 continue
             objects, _ = connected_components(strong > 0)
@@ -209,14 +217,14 @@ class RecursiveMasks:
         distances are physical (as ``reach``, :meth:`object_reach`) and
         ``margin`` (px) is :func:`physical_length`.
         """
-        if self.seeds[plane] is None or self.strong[plane] is not None:
+        drawn = self.partial[plane]  # the drawn regions, not the grown ones (a live session asks after growths)
+        if drawn is None or self.strong[plane] is not None:
             return None
         spacing = self.images.plane_spacing[plane]
-        target = np.full(self.seeds[plane].shape, -1, dtype=np.int64)
-        distance = distance_transform_edt(self.seeds[plane] == 0, sampling=spacing)
+        target = np.full(drawn.shape, -1, dtype=np.int64)
+        distance = distance_transform_edt(drawn == 0, sampling=spacing)
         target[distance > reach + physical_length(margin, spacing)] = 0
-        inside = self.seeds[plane] > 0
-        target[inside] = self.seed_classes[plane][self.seeds[plane]][inside]
+        target[drawn > 0] = drawn[drawn > 0]
         return target
 
     def separation_target(self, plane: int) -> np.ndarray | None:
@@ -249,12 +257,12 @@ class RecursiveMasks:
             tasks.append([or_unlabelled(self.separation_target(i), plane) for i, plane in enumerate(planes)])
         return tasks
 
-    def grow(self, foreground: list[np.ndarray], epsilon: float) -> int:
-        """The recursive update: every approximation grows towards T1's foreground (distances physical where the
-        plane has a pixel size); return the pixels added."""
+    def grow(self, foreground: list[np.ndarray], epsilon: float, planes: list[int] | None = None) -> int:
+        """The recursive update: every approximation (of ``planes``, default all) grows towards T1's foreground
+        ``foreground[plane]`` (distances physical where the plane has a pixel size); return the pixels added."""
         added = 0
         spacing = self.images.plane_spacing
-        for i in self.seeded_planes:
+        for i in self.seeded_planes if planes is None else planes:
             grown = grow_regions(self.seeds[i], self.seed_classes[i], foreground[i], epsilon, spacing=spacing[i])
             added += int((grown != self.seeds[i]).sum())
             self.seeds[i] = grown
@@ -301,6 +309,7 @@ class RecursiveTraining(TrainingLoop):
                  checkpoint=None, init: Model | None = None):
         self.masks, self.n_classes = masks, masks.n_classes
         self.pixels_added: list[int] = []
+        self.foreground: list[np.ndarray | None] = [None] * len(images.planes)  # T1's class maps of the last growth
         super().__init__(images, config, seed, device, checkpoint, init)
         self.tasks = list(self.network.tasks)
         weights = config.task_weights
@@ -349,6 +358,7 @@ class RecursiveTraining(TrainingLoop):
         n_labels = self.n_classes + 1
         foreground = [_foreground(*_split_tasks(maps, n_labels)[::2]) for maps in self.preview(_task_maps)]
         added = self.masks.grow(foreground, self.config.epsilon_train)
+        self.foreground = foreground
         self._approximations_to_sampler()
         self.pixels_added.append(added)
         return self.masks.masks(foreground), f"iteration {iteration}/{iterations}: {added} pixels added"
@@ -372,6 +382,58 @@ class RecursiveTraining(TrainingLoop):
         for i in self.masks.seeded_planes:
             self.sampler.replace_target(1, i, self.masks.approximation(i))
 
+    # ------------------------------------------------------------------ live sessions (napari_coarseseg.live)
+
+    def live_update(self, step):
+        # The recursive update every `steps` steps, as in a run, on the planes with partial masks only: a live
+        # session's evolution is its previews.
+        if step % self.config.steps == 0:
+            planes = self.masks.seeded_planes
+            self.ranks.sync_buffers(self.modules)
+            maps = predict_planes(self.network, [self.images.planes[i] for i in planes], self.device, _task_maps)
+            for i, plane_maps in zip(planes, maps, strict=True):
+                self.foreground[i] = _foreground(*_split_tasks(plane_maps, self.n_classes + 1)[::2])
+            self.pixels_added.append(self.masks.grow(self.foreground, self.config.epsilon_train, planes))
+            self._approximations_to_sampler()
+
+    def take_drawings(self, layers):
+        """New partial, strong and separation layers (role -> list of one array) for a live session.
+
+        A plane whose partial mask did not change keeps its grown
+        approximation; a plane whose partial mask changed starts again from
+        the new drawing and grows at once towards T1's foreground of the last
+        growth (when there was one), so that new regions do not wait for the
+        next update.
+        """
+        drawn = [(layers.get(role) or [None])[0] for role in ("partial", "strong", "separation")]
+        masks = RecursiveMasks(self.images, *drawn, n_classes=self.n_classes, gap=self.masks.gap)
+        if masks.has_separation != self.masks.has_separation:
+            raise AnnotationError("the network of a live session has its interface task or not from the start: "
+                                  "stop the session and start a new one to add or remove interface scribbles")
+        changed = []
+        for i in masks.seeded_planes:
+            old = self.masks.partial[i]
+            if old is not None and np.array_equal(old, masks.partial[i]):
+                masks.seeds[i], masks.seed_classes[i] = self.masks.seeds[i], self.masks.seed_classes[i]
+            elif self.foreground[i] is not None:
+                changed.append(i)
+        masks.grow(self.foreground, self.config.epsilon_train, changed)
+        self.masks = masks
+        self.retarget()
+
+    def live_maps(self, planes, modules=None):
+        modules = modules or self.modules
+        config, n_labels = self.config, self.n_classes + 1
+        # A live session trains on one image: its planes share one pixel size.
+        rule = growth_rule(self.n_classes, config.epsilon_predict, config.prediction_gate,
+                           config.prediction_seed_level, self.images.plane_spacing[0])
+        results = []
+        for maps in predict_planes(modules["network"], planes, self.device, _task_maps):
+            labels, _ = rule.finish(maps, False)
+            segmentation, approximation, _ = _split_tasks(maps, n_labels)
+            results.append((labels, draw_here_map(segmentation, approximation)))
+        return results
+
     def card_fields(self):
         config = self.config
         network = {"kind": "multitask", "base_channels": config.base_channels, "depth": config.depth,
@@ -381,6 +443,33 @@ class RecursiveTraining(TrainingLoop):
         summary = {"iterations": config.iterations, "steps_per_iteration": config.steps,
                    "pixels_added_per_iteration": list(self.pixels_added)}
         return network, extra, summary
+
+
+def draw_here_map(segmentation: np.ndarray, approximation: np.ndarray) -> np.ndarray:
+    """Where a stroke would help the recursive method most, in [0, 1]: the mean of T1's doubt and of T1's
+    disagreement with T2.
+
+        draw(i) = ( H(p1(i)) / log M  +  1/2 sum_m |p1_m(i) - p2_m(i)| ) / 2
+
+    with ``p1``, ``p2`` the (M, Y, X) class probabilities of T1 (segmentation)
+    and T2 (approximation). Where T1 sees an object that T2 does not, the
+    prediction's growth from T2's regions drops it: a partial region painted
+    there brings it back.
+
+    >>> p1 = np.array([[[0.5, 0.0]], [[0.5, 1.0]]]); p2 = np.array([[[0.5, 1.0]], [[0.5, 0.0]]])
+    >>> draw_here_map(p1, p2).round(2)  # doubt, then T2's disagreement
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    doubt = -(segmentation * np.log(np.clip(segmentation, 1e-7, None))).sum(0) / np.log(segmentation.shape[0])
+    disagreement = 0.5 * np.abs(segmentation - approximation).sum(0)
+    return np.clip(0.5 * (doubt + disagreement), 0, 1).astype(np.float32)
+
+
+def recursive_loop(images: TrainingImages, layers: dict, config: TrainingConfig, seed, device) -> RecursiveTraining:
+    """The recursive training loop on drawing layers by role (a live session's, :mod:`napari_coarseseg.live`):
+    ``partial``, ``strong`` and ``separation``, each a list of (at most) one array."""
+    drawn = [(layers.get(role) or [None])[0] for role in ("partial", "strong", "separation")]
+    return RecursiveTraining(images, RecursiveMasks(images, *drawn), config, seed, device)
 
 
 def card_spacing(spacing: list) -> list | None:
@@ -544,7 +633,12 @@ def recursive_plane_rule(model: Model, epsilon: float | None = None, gate: float
     gate = float(model.card.get("prediction_gate", 4.0) if gate is None else gate)
     # Models written before the seed level was stored grew from T2's whole regions (level 0).
     seed_level = float(model.card.get("prediction_seed_level", 0.0) if seed_level is None else seed_level)
-    n_labels, dtype = model.n_classes + 1, label_dtype(model.n_classes)
+    return growth_rule(model.n_classes, epsilon, gate, seed_level, spacing)
+
+
+def growth_rule(n_classes: int, epsilon: float, gate: float, seed_level: float, spacing) -> PlaneRule:
+    """The plane rule of :func:`recursive_plane_rule` from its settings (a live session's come from its run)."""
+    n_labels, dtype = n_classes + 1, label_dtype(n_classes)
 
     def finish(maps: np.ndarray, keep_probabilities: bool):
         probabilities, approximation, interface = _split_tasks(maps, n_labels)
@@ -629,4 +723,5 @@ RECURSIVE = Method(
     predict=predict_recursive,
     build_model=build_model,
     length=("iterations", "steps"),
+    loop=recursive_loop,
 )
