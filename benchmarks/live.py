@@ -9,7 +9,8 @@ a new annotator per seed:
   preview, and the preview's Dice on the WHOLE image after 15, 30 and 60 s;
 - corrections: after 60 s, strokes on the preview's worst mistakes
   (``simulate_corrections``: the 8 largest missed and 8 largest invented
-  regions), then the errors inside the corrected regions 30 s later;
+  regions), then the errors inside the corrected regions 30 s later, the
+  whole image's Dice then and its lowest preview in between;
 - the "draw here next" map after 60 s: error rate of its top 10 % of pixels
   over the image's error rate;
 - stop: seconds from ``stop()`` to the session's end;
@@ -88,8 +89,10 @@ def session_figures(image, truth, layers: dict, seed: int) -> dict:
     figures.pop("regions")
     for t in (15, 30, 60):
         figures[f"dice_{t}s"] = next(d for s, d in reversed(previews) if s <= t)
-    # Flicker: the worst preview of the second half-minute, when the preview should already hold.
+    # Flicker: the worst preview of the second half-minute, when the preview should already hold; and the dip
+    # after the corrections: the worst preview of the 30 s after them.
     figures["lowest_dice_30_60s"] = min(d for s, d in previews if 30 <= s <= 60)
+    figures["lowest_dice_after_corrections"] = min(d for s, d in previews if corrected_at < s)
     figures["steps"] = session.loop.step
     return figures
 
@@ -165,6 +168,7 @@ def main(argv=None) -> int:
              f"| errors in the corrected regions at the corrections | {cells('errors_before')} |",
              f"| the same 30 s later | {cells('errors_after')} |",
              f"| preview Dice, whole image, 30 s after the corrections | {cells('dice_after_corrections')} |",
+             f"| lowest preview Dice in those 30 s | {cells('lowest_dice_after_corrections')} |",
              f"| 'draw here next': error rate of its top 10 % / the image's | {cells('draw_here_error_ratio')} |",
              f"| stop(): s until the session ended | {cells('stop_s')} |",
              f"| steps done in 90 s | {cells('steps')} |", "",

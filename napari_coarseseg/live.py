@@ -15,9 +15,12 @@ A live session keeps one training loop (:class:`~napari_coarseseg.methods.Traini
 - the learning rate warms up over ``warmup_steps`` steps and then stays
   constant (a one-cycle schedule needs an end, a live session has none);
   previews and the session's model use an exponential moving average of the
-  weights over about ``1 / (1 - average)`` steps, since at a constant rate the
-  weights themselves wander from step to step (previews on the DSB sample
-  jumped between Dice 0.73 and 0.93 from one to the next without it);
+  weights over about ``1 / (1 - average)`` steps (33), since at a constant
+  rate the weights themselves wander from step to step (previews on the DSB
+  sample jumped between Dice 0.73 and 0.93 from one to the next without it),
+  and after corrections they overshoot: on validation annotators the whole
+  image's Dice fell to 0.61-0.86 within 25 steps of them with an average over
+  10 steps, to 0.84-0.88 with 33;
 - a preview of the region ``read_region()`` names (a plane and a box: what the
   user is looking at) is made ``first_preview`` seconds after the start and
   then every ``preview_every`` seconds, so its cost is that of the region,
@@ -175,7 +178,7 @@ class LiveTraining:
     def run(self, read_drawings: Callable[[], dict | None] = _no_change,
             read_region: Callable[[], tuple[int, tuple] | None] = lambda: None, *, refresh_every: int = 10,
             preview_every: float = 3.0, first_preview: float = 1.5, warmup_steps: int = 20,
-            context: int = 32, average: float = 0.9) -> Generator[LiveStep, None, None]:
+            context: int = 32, average: float = 0.97) -> Generator[LiveStep, None, None]:
         """The session's generator (see the module docstring).
 
         Parameters
