@@ -110,6 +110,16 @@ def softmax_maps(output) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)
 
 
+def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Entropy of (M, Y, X) class probabilities over its maximum, log M: 0 where one class is certain, 1 where all
+    are equal (the doubt in the live "draw here next" maps).
+
+    >>> normalised_entropy(np.array([[[0.5, 0.9]], [[0.5, 0.1]]])).round(2)
+    array([[1.  , 0.47]])
+    """
+    return -(probabilities * np.log(np.clip(probabilities, 1e-7, None))).sum(0) / np.log(probabilities.shape[0])
+
+
 #: The mirror images test-time augmentation averages over: flipped axes of a (B, C, h, w) batch.
 FLIPS = ((), (-1,), (-2,), (-2, -1))
 

@@ -64,6 +64,7 @@ from ..inference import (
     Prediction,
     assemble_planes,
     iter_predict_planes,
+    normalised_entropy,
     predict_planes,
     start_prediction,
 )
@@ -405,8 +406,7 @@ class RecursiveTraining(TrainingLoop):
         growth (when there was one), so that new regions do not wait for the
         next update.
         """
-        drawn = [(layers.get(role) or [None])[0] for role in ("partial", "strong", "separation")]
-        masks = RecursiveMasks(self.images, *drawn, n_classes=self.n_classes, gap=self.masks.gap)
+        masks = RecursiveMasks(self.images, *_role_layers(layers), n_classes=self.n_classes, gap=self.masks.gap)
         if masks.has_separation != self.masks.has_separation:
             raise AnnotationError("the network of a live session has its interface task or not from the start: "
                                   "stop the session and start a new one to add or remove interface scribbles")
@@ -460,7 +460,7 @@ def draw_here_map(segmentation: np.ndarray, approximation: np.ndarray) -> np.nda
     >>> draw_here_map(p1, p2).round(2)  # doubt, then T2's disagreement
     array([[0.5, 0.5]], dtype=float32)
     """
-    doubt = -(segmentation * np.log(np.clip(segmentation, 1e-7, None))).sum(0) / np.log(segmentation.shape[0])
+    doubt = normalised_entropy(segmentation)
     disagreement = 0.5 * np.abs(segmentation - approximation).sum(0)
     return np.clip(0.5 * (doubt + disagreement), 0, 1).astype(np.float32)
 
@@ -468,8 +468,13 @@ def draw_here_map(segmentation: np.ndarray, approximation: np.ndarray) -> np.nda
 def recursive_loop(images: TrainingImages, layers: dict, config: TrainingConfig, seed, device) -> RecursiveTraining:
     """The recursive training loop on drawing layers by role (a live session's, :mod:`napari_coarseseg.live`):
     ``partial``, ``strong`` and ``separation``, each a list of (at most) one array."""
-    drawn = [(layers.get(role) or [None])[0] for role in ("partial", "strong", "separation")]
-    return RecursiveTraining(images, RecursiveMasks(images, *drawn), config, seed, device)
+    return RecursiveTraining(images, RecursiveMasks(images, *_role_layers(layers)), config, seed, device)
+
+
+def _role_layers(layers: dict) -> list:
+    """The partial, strong and separation layers of a live session's ``layers`` (role -> list of at most one
+    array), None where a role has none."""
+    return [(layers.get(role) or [None])[0] for role in ("partial", "strong", "separation")]
 
 
 def card_spacing(spacing: list) -> list | None:

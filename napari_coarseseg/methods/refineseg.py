@@ -45,6 +45,7 @@ from ..inference import (
     Prediction,
     assemble_planes,
     iter_predict_planes,
+    normalised_entropy,
     predict_planes,
     start_prediction,
 )
@@ -428,7 +429,7 @@ class RefinesegTraining(TrainingLoop):
             # Draw here next: the network's doubt (normalised entropy of the corrected posteriors) and, with
             # heads, how far the layers' predicted drawings stray from their mean (total variation): where the
             # annotator models disagree, a stroke settles which one is right.
-            doubt = -(corrected * np.log(np.clip(corrected, 1e-7, None))).sum(0) / np.log(n_labels)
+            doubt = normalised_entropy(corrected)
             if len(drawn):
                 reference = drawn.mean(0) if len(drawn) > 1 else probabilities
                 disagreement = 0.5 * np.abs(drawn - reference).sum(1).mean(0)
