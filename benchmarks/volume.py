@@ -25,9 +25,10 @@ Methods (the same strokes):
   (``--settings``: ``preset``, and ``no heads``, the same without transition
   heads, ``realdata.py``'s control (a); ``... per slice``: the same with
   each slice normalised on its own, as the forest's features are);
-  ``--variant`` picks the network:
-  today only ``slicewise-2d`` (the 2-D U-Net on the stack slice by slice);
-  2.5-D and 3-D networks plug into ``NETWORK_VARIANTS``;
+  ``--variant`` picks the network: ``slicewise-2d`` (the 2-D U-Net on the
+  stack slice by slice), ``2.5-d`` (the same with the slices above and
+  below as channels) or ``3-d`` (``network="unet3d"``: the anisotropic 3-D
+  encoder of ``SlabUNet`` over those three slices);
 - ``naive``: the same network with dense cross-entropy, each drawn slice's
   positive strokes taken as its full mask (everything else on that slice,
   negatives included, is membrane); undrawn slices are left out;
@@ -156,9 +157,14 @@ def context_25d(image, positive, negative, config, seed: int, device: str):
     return slicewise_2d(image, positive, negative, config.replace(slice_context=1), seed, device)
 
 
+def slab_3d(image, positive, negative, config, seed: int, device: str):
+    """3-D: the anisotropic 3-D encoder over the same three slices (``network="unet3d"``, ``slice_context=1``)."""
+    return slicewise_2d(image, positive, negative, config.replace(slice_context=1, network="unet3d"), seed, device)
+
+
 #: The network variants ``--variant`` picks: ``train(image, positive, negative, config, seed, device)`` returns
-#: the labels of the whole volume and the training seconds. A 3-D network comes here.
-NETWORK_VARIANTS = {"slicewise-2d": slicewise_2d, "2.5-d": context_25d}
+#: the labels of the whole volume and the training seconds.
+NETWORK_VARIANTS = {"slicewise-2d": slicewise_2d, "2.5-d": context_25d, "3-d": slab_3d}
 
 
 def naive(image, positive, negative, config, seed: int, device: str):

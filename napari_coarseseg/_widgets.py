@@ -137,7 +137,7 @@ class MoreChannels(QListWidget):
 
 
 class TrainSettings(QWidget):
-    """How long to train, and how a stack is seen: steps, iterations, slice context, normalisation per slice.
+    """How long to train, and how a stack is seen: steps, iterations, slice context, 3-D network, normalisation.
 
     The values come from the chosen preset (:meth:`show_preset`); the stack
     rows are enabled for stacks only (:meth:`follow_image`). :meth:`settings`
@@ -146,6 +146,7 @@ class TrainSettings(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
+        self.method = None  # the method of the preset shown (show_preset)
         self.steps = QSpinBox()
         self.steps.setRange(1, 1_000_000)
         self.iterations = QSpinBox()
@@ -154,6 +155,10 @@ class TrainSettings(QWidget):
         self.slice_context.setRange(0, 8)
         self.slice_context.setToolTip("Stacks, 2.5-D: each slice also sees this many slices above and below it "
                                       "(0: slice by slice). Predicting needs the same.")
+        self.network_3d = QCheckBox("3-D network over those slices")
+        self.network_3d.setToolTip("RefineSeg on stacks with a slice context: an anisotropic 3-D encoder over the "
+                                   "slices in context instead of stacking them as channels of the 2-D U-Net.")
+        self.slice_context.valueChanged.connect(self._enable_network_3d)
         self.each_slice = QCheckBox("normalise each slice on its own")
         self.each_slice.setToolTip("For sections imaged one by one, whose brightness changes from slice to slice "
                                    "(not for CT or MRI volumes, whose intensities mean the same on every slice).")
@@ -162,6 +167,7 @@ class TrainSettings(QWidget):
         form.addRow("steps", self.steps)
         form.addRow("iterations", self.iterations)
         form.addRow("slice context", self.slice_context)
+        form.addRow("", self.network_3d)
         form.addRow("", self.each_slice)
         self.follow_image(None)
 
@@ -171,13 +177,22 @@ class TrainSettings(QWidget):
         self.iterations.setValue(config.iterations)
         self.iterations.setEnabled("iterations" in method.length)
         self.slice_context.setValue(config.slice_context)
+        self.network_3d.setChecked(config.network == "unet3d")
         self.each_slice.setChecked(config.normalisation == "slice")
+        self.method = method
+        self._enable_network_3d()
 
     def follow_image(self, layer) -> None:
         """Enable the stack rows for an image layer with slices (neither a plane nor one colour plane)."""
         stack = layer is not None and layer.data.ndim - (1 if getattr(layer, "rgb", False) else 0) >= 3
         self.slice_context.setEnabled(stack)
         self.each_slice.setEnabled(stack)
+        self._enable_network_3d()
+
+    def _enable_network_3d(self, *_) -> None:
+        """The 3-D network: for a method that trains it (refineseg), on a stack with a slice context of 1 or more."""
+        offered = self.method is None or "unet3d" in self.method.networks
+        self.network_3d.setEnabled(offered and self.slice_context.isEnabled() and self.slice_context.value() > 0)
 
     def settings(self, method, lengths: bool = True) -> dict:
         """Keywords for ``train_in_viewer``: the method's lengths, and the stack settings (alone for
@@ -187,6 +202,8 @@ class TrainSettings(QWidget):
         if self.slice_context.isEnabled():
             chosen.update(slice_context=self.slice_context.value(),
                           normalisation="slice" if self.each_slice.isChecked() else "image")
+        if "unet3d" in method.networks and self.network_3d.isEnabled():
+            chosen["network"] = "unet3d" if self.network_3d.isChecked() else "unet"
         return chosen
 
 

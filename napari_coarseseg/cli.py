@@ -35,6 +35,7 @@ from .io import InputError, StagedWrites, is_nifti, match_by_name, read_tiff, re
 from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method, load_model
 from .model_io import ModelFileError
 from .nifti import NiftiInfo, check_same_grid, nifti_writer, read_nifti
+from .training import NETWORKS
 
 #: Exceptions that mean "the user's input is wrong": reported in one line.
 USER_ERRORS = (AnnotationError, InputError, ModelFileError, ValueError, OSError, FloatingPointError)
@@ -204,6 +205,10 @@ def _add_train_parser(sub) -> None:
                        help="stacks, 2.5-D: each slice also sees the K slices above and below it as extra "
                             "channels (0: slice-wise 2-D; default from the preset: 0); predict reads it from "
                             "the model")
+    train.add_argument("--network", choices=NETWORKS,
+                       help="refineseg's network: 'unet' (2-D, slice-wise or 2.5-D) or 'unet3d' (an anisotropic 3-D "
+                            "encoder over the slab of 2K + 1 slices that --slice-context K >= 1 gives; default from "
+                            "the preset: unet); predict reads it from the model")
     train.add_argument("--normalisation", choices=sorted(NORMALISATIONS),
                        help="what intensities are normalised over: 'image' (the whole image or volume) or "
                             "'slice' (each slice on its own: serial sections whose brightness drifts; default "
@@ -448,7 +453,8 @@ def _train(args, ranks, device) -> int:
     evolution_path = _output_path(args.evolution) if args.evolution else None
     config = load_preset(args.preset or method.preset)
     config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every,
-                            slice_context=args.slice_context, normalisation=args.normalisation)
+                            slice_context=args.slice_context, normalisation=args.normalisation,
+                            network=args.network)
     config = config.replace(batch_size=args.batch_size)
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")

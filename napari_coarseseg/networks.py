@@ -1,4 +1,4 @@
-"""Networks: a configurable 2D U-Net and the per-pixel transition-matrix heads.
+"""Networks: a configurable 2D U-Net, its 3-D sibling on a slab of slices, and the transition-matrix heads.
 
 The U-Net returns both the class logits and the features of its last decoder
 level, because the annotation heads of the refineseg method [1]_ are
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["UNet", "TransitionHead", "conv_block", "fold_batch_norm"]
+__all__ = ["UNet", "SlabUNet", "TransitionHead", "conv_block", "fold_batch_norm"]
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -31,6 +31,22 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def conv_block_3d(in_channels: int, out_channels: int, z_kernel: int) -> nn.Sequential:
+    """Two convolutions of a slab, each followed by batch norm and ReLU.
+
+    The first spans ``z_kernel`` slices without padding along z (the slab
+    loses ``z_kernel - 1`` slices), the second is in-plane (1 x 3 x 3).
+    """
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, (z_kernel, 3, 3), padding=(0, 1, 1), bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(out_channels, out_channels, (1, 3, 3), padding=(0, 1, 1), bias=False),
+        nn.BatchNorm3d(out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -49,7 +65,8 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
         if not isinstance(block, nn.Sequential):
             continue
         for i in range(len(block) - 1):
-            if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], nn.BatchNorm2d):
+            if isinstance(block[i], (nn.Conv2d, nn.Conv3d)) and isinstance(block[i + 1],
+                                                                      (nn.BatchNorm2d, nn.BatchNorm3d)):
                 block[i] = fuse_conv_bn_eval(block[i], block[i + 1])
                 block[i + 1] = nn.Identity()
     return folded
@@ -109,18 +126,91 @@ class UNet(nn.Module):
         return 2**self.depth
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The (B, width, H / 2**level, W / 2**level) features of every encoder level, the deepest last."""
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
                 x = F.max_pool2d(x, 2)
             x = encoder(x)
             skips.append(x)
+        return skips
+
+    def decode(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, features)`` from the encoder's levels (``skips`` is used up)."""
         x = skips.pop()
         for decoder in self.decoders:
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = decoder(torch.cat([x, skip], dim=1))
         return self.classifier(x), x
+
+
+class SlabUNet(UNet):
+    """A U-Net whose encoder is 3-D, over a slab of ``slices`` slices, and which segments the middle one.
+
+    The input is the 2.5-D one (:func:`~napari_coarseseg.data.with_slice_context`:
+    slices ``z - k ... z + k`` as channels, slice-major), read back as a
+    (B, C, 2k + 1, H, W) volume. Serial sections and clinical volumes are
+    anisotropic (EM 2012: 4 x 4 x 50 nm), so the network is too:
+
+    - pooling is in-plane only, (1, 2, 2): the slab keeps its slices;
+    - the first level filters each slice on its own (1 x 3 x 3, weights shared
+      across slices), where a 3-D kernel would mix sections 12 pixels apart;
+    - each level below begins with a 3 x 3 x 3 convolution without z padding,
+      which merges three slices into one, until one is left: by then pixels
+      are 2**level times coarser in-plane and closer to the slice spacing;
+    - the skips and the 2-D decoder carry the middle slice.
+
+    Its cost is about 1.3 times the 2-D U-Net's for ``slices`` = 3 (the first
+    level runs on every slice), against 9 times for a full 3 x 3 x 3 U-Net.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of one slice (the attribute ``in_channels`` is those of the
+        whole input, ``in_channels * slices``).
+    n_classes, base_channels, depth
+        As :class:`UNet`.
+    slices : int
+        Slices of the slab, odd (2k + 1 for a slice context of k).
+
+    Examples
+    --------
+    >>> net = SlabUNet(in_channels=1, n_classes=2, base_channels=4, depth=2, slices=3)
+    >>> logits, features = net(torch.zeros(2, 3, 16, 16))  # 3 slices of 1 channel
+    >>> tuple(logits.shape), tuple(features.shape)
+    ((2, 2, 16, 16), (2, 4, 16, 16))
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 2, base_channels: int = 16, depth: int = 4,
+                 slices: int = 3):
+        super().__init__(in_channels, n_classes, base_channels, depth)
+        if slices < 1 or slices % 2 == 0:
+            raise ValueError(f"slices must be odd and at least 1 (2k + 1), got {slices}")
+        # in_channels: what the input tensor has, as for every network here (the model card checks it).
+        self.slices, self.slice_channels, self.in_channels = slices, in_channels, in_channels * slices
+        widths = [base_channels * 2**level for level in range(depth + 1)]
+        blocks, remaining = [conv_block_3d(in_channels, widths[0], 1)], slices
+        for level in range(depth):
+            z_kernel = 3 if remaining > 1 else 1
+            blocks.append(conv_block_3d(widths[level], widths[level + 1], z_kernel))
+            remaining -= z_kernel - 1
+        self.encoders = nn.ModuleList(blocks)  # the 2-D decoders and classifier of UNet stay
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The middle slice's features at every encoder level, as :meth:`UNet.encode` gives them."""
+        batch, _, height, width = x.shape
+        x = x.view(batch, self.slices, self.slice_channels, height, width).transpose(1, 2)
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level > 0:
+                x = F.max_pool3d(x, (1, 2, 2))
+            x = encoder(x)
+            skips.append(x[:, :, x.shape[2] // 2])  # the middle slice
+        return skips
 
 
 class TransitionHead(nn.Module):

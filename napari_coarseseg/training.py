@@ -33,7 +33,11 @@ __all__ = [
     "random_seed",
     "seed_everything",
     "models_dir",
+    "NETWORKS",
 ]
+
+#: The networks a refineseg run can train (``TrainingConfig.network``), as model cards name them.
+NETWORKS = ("unet", "unet3d")
 
 
 @dataclass
@@ -125,6 +129,12 @@ class TrainingConfig:
         ends of a stack repeating its edge slice. Drawings still supervise
         their own slice only. Stored in the model card; prediction builds
         the same context.
+    network : {"unet", "unet3d"}
+        Refineseg: the 2-D U-Net (slice-wise, or 2.5-D with a slice
+        context), or the anisotropic 3-D encoder over the slab of ``2k + 1``
+        slices that a slice context of k >= 1 gives
+        (:class:`~napari_coarseseg.networks.SlabUNet`). Stored in the model
+        card.
     normalisation : {"image", "slice"}
         What the intensities are normalised over: the whole image
         ("image", the default) or each slice of a stack on its own ("slice":
@@ -163,6 +173,7 @@ class TrainingConfig:
     prediction_gate: float = 4.0
     prediction_seed_level: float = 0.0
     slice_context: int = 0
+    network: str = "unet"
     normalisation: str = "image"
     checkpoint_every: int = 50
 
@@ -195,6 +206,11 @@ class TrainingConfig:
         if not isinstance(self.slice_context, int) or isinstance(self.slice_context, bool) or self.slice_context < 0:
             raise ValueError(f"slice_context must be a whole number >= 0 (slices on either side), "
                              f"got {self.slice_context!r}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        if self.network == "unet3d" and self.slice_context < 1:
+            raise ValueError("network 'unet3d' works on the slab of 2k + 1 slices around each slice: give a "
+                             "slice_context k >= 1")
         check_normalisation(self.normalisation)
         if not 0 <= self.drawn_fraction <= 1:
             raise ValueError(f"drawn_fraction must be in [0, 1], got {self.drawn_fraction}")
@@ -354,7 +370,11 @@ def use_channels_last(module: torch.nn.Module, device: torch.device, on: bool = 
     """
     if device.type in ("cpu", "cuda"):
         channels_last = on and CHANNELS_LAST
-        module = module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # Per convolution: Module.to(memory_format=...) refuses the 5-D weights of a 3-D one (SlabUNet).
+        formats = {4: torch.channels_last, 5: torch.channels_last_3d} if channels_last else {}
+        for layer in module.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                layer.to(memory_format=formats.get(layer.weight.dim(), torch.contiguous_format))
     return module
 
 

@@ -15,7 +15,7 @@ import torch
 
 from napari_coarseseg.losses import coarse_distribution
 from napari_coarseseg.multitask import MultiTaskUNet
-from napari_coarseseg.networks import TransitionHead, UNet, fold_batch_norm
+from napari_coarseseg.networks import SlabUNet, TransitionHead, UNet, fold_batch_norm
 
 
 def features(b=2, c=4, h=5, w=7, seed=0):
@@ -109,28 +109,31 @@ def test_unet_rejects_depth_zero():
 
 
 @pytest.mark.parametrize("make", [lambda: UNet(1, 3, base_channels=4, depth=2),
-                                  lambda: MultiTaskUNet(1, 2, base_channels=4, depth=2)],
-                         ids=["unet", "multitask"])
+                                  lambda: MultiTaskUNet(1, 2, base_channels=4, depth=2),
+                                  lambda: SlabUNet(1, 3, base_channels=4, depth=2, slices=3)],
+                         ids=["unet", "multitask", "slab"])
 def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_network_alone(make):
     torch.manual_seed(0)
     network = make()
+    channels = network.in_channels
     # Train a few batches so the running statistics are far from the initial 0 / 1.
     optimiser = torch.optim.SGD(network.parameters(), lr=0.1)
     for _ in range(3):
-        output = network(3 * torch.randn(2, 1, 32, 32) + 5)
+        output = network(3 * torch.randn(2, channels, 32, 32) + 5)
         loss = sum(o.mean() for o in (output.values() if isinstance(output, dict) else output))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm  # 2-D and 3-D
+    batch_norms = sum(isinstance(m, batch_norm) for m in network.modules())
     assert batch_norms > 0
 
     folded = fold_batch_norm(network)
 
-    assert network.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules()) == batch_norms
+    assert network.training and sum(isinstance(m, batch_norm) for m in network.modules()) == batch_norms
     assert not folded.training
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = 3 * torch.randn(2, 1, 32, 32) + 5
+    assert not any(isinstance(m, batch_norm) for m in folded.modules())
+    x = 3 * torch.randn(2, channels, 32, 32) + 5
     network.eval()
     with torch.no_grad():
         expected, actual = network(x), folded(x)
@@ -140,3 +143,21 @@ def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_network_alone(mak
     for e, a in pairs:
         assert e.abs().max() > 0.01  # not a trivial all-zero output
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_the_slab_unet_segments_the_middle_slice_from_all_three_and_pools_in_plane_only():
+    torch.manual_seed(0)
+    network = SlabUNet(in_channels=2, n_classes=3, base_channels=4, depth=3, slices=3).eval()
+    x = torch.randn(1, 6, 32, 32, requires_grad=True)  # slices z-1, z, z+1, two channels each (slice-major)
+    logits, features = network(x)
+    assert logits.shape == (1, 3, 32, 32) and features.shape == (1, 4, 32, 32)
+    logits[0, :, 16, 16].sum().backward()
+    # Every slice of the slab reaches the middle slice's output: it is learned across slices.
+    reach = x.grad[0].abs().sum(dim=(1, 2))
+    assert (reach > 0).all(), reach
+    # Pooling is in-plane: the deepest level still has 3 slices in, one out of the 3 x 3 x 3 convolution,
+    # and the first level filters slices one by one (a 1 x 3 x 3 kernel).
+    kernels = [encoder[0].kernel_size for encoder in network.encoders]
+    assert kernels == [(1, 3, 3), (3, 3, 3), (1, 3, 3), (1, 3, 3)]
+    with pytest.raises(ValueError, match="odd"):
+        SlabUNet(slices=2)

@@ -150,7 +150,7 @@ def test_volume_benchmark_reports_refineseg_settings_as_they_are_and_chooses_the
         record("random forest", "good on test", 0, 0.80, 0.99), record("random forest", "good on val", 0, 0.90, 0.7),
         record("refineseg", "preset", 0, 0.70, 0.70), record("refineseg", "preset, 900 steps", 0, 0.95, 0.95),
     ])}
-    runs["another branch's network"] = {**runs["2"], "network": "3-d"}
+    runs["another branch's network"] = {**runs["2"], "network": "4-d"}
     [(forest, records)] = volume_benchmark.chosen(runs, "random forest")
     assert forest == "f: good on val" and [r["val"]["dice"] for r in records] == [0.90]
     # A refineseg setting is reported as it is, with its budgets; never chosen on test. Networks the script does

@@ -91,12 +91,16 @@ def test_stack_settings_are_offered_for_stacks_and_reach_the_model(viewer, qtbot
     widget.roles["negative"].setCurrentText("stack negative")
     assert widget.settings.slice_context.isEnabled() and widget.settings.each_slice.isEnabled()
     assert widget.settings.slice_context.value() == 0 and not widget.settings.each_slice.isChecked()  # the preset's
+    assert not widget.settings.network_3d.isEnabled()  # no slices around each slice to see in 3-D
     widget.settings.slice_context.setValue(1)
+    assert widget.settings.network_3d.isEnabled() and not widget.settings.network_3d.isChecked()
+    widget.settings.network_3d.setChecked(True)
     widget.settings.each_slice.setChecked(True)
     widget.start_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
     assert errors == []
     assert widget.model.slice_context == 1 and widget.model.normalisation == "slice"
+    assert widget.model.card["network"]["kind"] == "unet3d"
     assert viewer.layers["stack prediction"].data.shape == drifting.shape
 
 

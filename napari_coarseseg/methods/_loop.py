@@ -46,6 +46,7 @@ from ..data_parallel import Ranks
 from ..inference import predict_planes, softmax_maps
 from ..model_io import Model, make_card
 from ..training import (
+    NETWORKS,
     TrainingConfig,
     TrainingEvent,
     autocast,
@@ -103,6 +104,8 @@ class TrainingLoop:
         if init is not None:
             shape = {key: value for key, value in init.card.get("network", {}).items()
                      if key in ("base_channels", "depth", "task_levels")}
+            if init.card.get("network", {}).get("kind") in NETWORKS:  # refineseg's 2-D or 3-D U-Net
+                shape["network"] = init.card["network"]["kind"]
             config = config.replace(**shape)
         # The planes the network sees carry the run's normalisation and 2.5-D slice context (a live session's
         # images come without them).

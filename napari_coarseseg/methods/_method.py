@@ -107,6 +107,10 @@ class Method:
     live_settings : mapping
         The :class:`~napari_coarseseg.TrainingConfig` fields a live session
         changes from the preset (settings the caller passes win).
+    networks : tuple of str
+        The values of :attr:`~napari_coarseseg.TrainingConfig.network` it
+        trains, the default first (empty: its own network only, the setting
+        left at its default).
     """
 
     name: str
@@ -119,6 +123,7 @@ class Method:
     length: tuple[str, ...] = ("steps",)
     loop: Callable | None = None
     live_settings: Mapping = field(default_factory=dict)
+    networks: tuple[str, ...] = ()
 
     @property
     def role_names(self) -> tuple[str, ...]:

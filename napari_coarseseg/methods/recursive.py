@@ -323,6 +323,9 @@ class RecursiveTraining(TrainingLoop):
 
     def build_modules(self):
         config = self.config
+        if config.network != "unet":
+            raise ValueError(f"network {config.network!r} is a refineseg network; the recursive method trains its "
+                             "multi-task U-Net (leave network at 'unet')")
         network = MultiTaskUNet(self.images.input_channels, self.n_classes + 1, config.base_channels, config.depth,
                                 task_levels=min(config.task_levels, config.depth),
                                 separation=self.masks.has_separation)

@@ -50,9 +50,9 @@ from ..inference import (
     start_prediction,
 )
 from ..losses import edge_aware_smoothness, refineseg_loss, trust_pixels, undrawn_background_loss
-from ..model_io import Model, ModelFileError, input_channels
-from ..networks import TransitionHead, UNet
-from ..training import TrainingConfig, resolve_config
+from ..model_io import Model, ModelFileError
+from ..networks import SlabUNet, TransitionHead, UNet
+from ..training import NETWORKS, TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method, PlaneRule
 
@@ -308,7 +308,8 @@ class RefinesegTraining(TrainingLoop):
 
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
-        network = UNet(self.images.input_channels, n_labels, config.base_channels, config.depth)
+        network = unet_for(config.network, self.images.channels, self.images.slice_context, n_labels,
+                           config.base_channels, config.depth)
         n_heads = {"all": self.n_positive + len(self.drawings.negative_targets), "positive": self.n_positive,
                    "none": 0}[config.transition_heads]
         heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
@@ -440,7 +441,7 @@ class RefinesegTraining(TrainingLoop):
 
     def card_fields(self):
         config = self.config
-        network = {"kind": "unet", "base_channels": config.base_channels, "depth": config.depth,
+        network = {"kind": config.network, "base_channels": config.base_channels, "depth": config.depth,
                    "n_heads": len(self.modules["heads"])}
         extra = {"heads": self.drawings.positive_names + self.drawings.negative_names,
                  "prior": {"training": self.training_prior.tolist(), "estimated": self.estimated_prior.tolist(),
@@ -591,14 +592,26 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
     return assemble_planes(image, model, labels, probabilities or None, reliability or None)
 
 
+def unet_for(kind: str, channels: int, slice_context: int, n_labels: int, base_channels: int, depth: int) -> UNet:
+    """The refineseg network of a kind (:data:`~napari_coarseseg.training.NETWORKS`) for slices of ``channels``
+    channels seen with ``slice_context`` slices on either side."""
+    if kind == "unet3d":
+        return SlabUNet(channels, n_labels, base_channels, depth, slices=2 * slice_context + 1)
+    return UNet(channels * (2 * slice_context + 1), n_labels, base_channels, depth)
+
+
 def build_model(card: dict) -> Model:
     """The untrained U-Net and transition heads a refineseg card describes."""
     network, n_labels = card["network"], card["n_classes"] + 1
-    if network.get("kind", "unet") != "unet":
-        raise ModelFileError(f"unknown network kind {network.get('kind')!r} for a refineseg model; expected 'unet'")
+    kind = network.get("kind", "unet")
+    if kind not in NETWORKS or (kind == "unet3d" and card.get("slice_context", 0) < 1):
+        raise ModelFileError(f"unknown network kind {kind!r} for a refineseg model with slice context "
+                             f"{card.get('slice_context', 0)}; expected one of {', '.join(NETWORKS)}, 'unet3d' "
+                             "with a slice context >= 1")
     heads = nn.ModuleList([TransitionHead(int(network["base_channels"]), n_labels)
                            for _ in range(int(network.get("n_heads", 0)))])
-    unet = UNet(input_channels(card), n_labels, int(network["base_channels"]), int(network["depth"]))
+    unet = unet_for(kind, card["channels"], card.get("slice_context", 0), n_labels, int(network["base_channels"]),
+                    int(network["depth"]))
     return Model(unet, heads, card)
 
 
@@ -641,4 +654,5 @@ REFINESEG = Method(
     build_model=build_model,
     loop=refineseg_loop,
     live_settings=LIVE_SETTINGS,
+    networks=NETWORKS,
 )
