@@ -164,8 +164,9 @@ class SlabUNet(UNet):
       are 2**level times coarser in-plane and closer to the slice spacing;
     - the skips and the 2-D decoder carry the middle slice.
 
-    Its cost is about 1.3 times the 2-D U-Net's for ``slices`` = 3 (the first
-    level runs on every slice), against 9 times for a full 3 x 3 x 3 U-Net.
+    So only the first level and one convolution per merge work on several
+    slices, and the cost stays near the 2-D U-Net's, where a full
+    3 x 3 x 3 U-Net on three slices does nine times its work at every level.
 
     Parameters
     ----------

@@ -291,6 +291,10 @@ def test_presets():
     default = load_preset("refineseg")
     assert isinstance(default, TrainingConfig)
     assert (default.alpha, default.beta, default.regulariser_weight) == (0.6, 0.4, 0.2)
+    # Serial sections: the same without heads, each slice normalised on its own, nothing else changed.
+    sections = load_preset("refineseg-sections")
+    assert (sections.transition_heads, sections.normalisation) == ("none", "slice")
+    assert sections.replace(transition_heads="all", normalisation="image") == default
 
 
 def test_preset_from_a_json_path(tmp_path):
