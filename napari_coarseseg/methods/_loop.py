@@ -102,10 +102,10 @@ class TrainingLoop:
     def __init__(self, images: TrainingImages, config: TrainingConfig, seed: int | None, device,
                  checkpoint=None, init: Model | None = None):
         if init is not None:
-            shape = {key: value for key, value in init.card.get("network", {}).items()
-                     if key in ("base_channels", "depth", "task_levels")}
-            if init.card.get("network", {}).get("kind") in NETWORKS:  # refineseg's 2-D or 3-D U-Net
-                shape["network"] = init.card["network"]["kind"]
+            network = init.card.get("network", {})
+            shape = {key: value for key, value in network.items() if key in ("base_channels", "depth", "task_levels")}
+            if network.get("kind") in NETWORKS:  # refineseg's 2-D or 3-D U-Net
+                shape["network"] = network["kind"]
             config = config.replace(**shape)
         # The planes the network sees carry the run's normalisation and 2.5-D slice context (a live session's
         # images come without them).

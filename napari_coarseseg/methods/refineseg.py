@@ -50,7 +50,7 @@ from ..inference import (
     start_prediction,
 )
 from ..losses import edge_aware_smoothness, refineseg_loss, trust_pixels, undrawn_background_loss
-from ..model_io import Model, ModelFileError
+from ..model_io import Model, ModelFileError, input_channels
 from ..networks import SlabUNet, TransitionHead, UNet
 from ..training import NETWORKS, TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
@@ -308,7 +308,7 @@ class RefinesegTraining(TrainingLoop):
 
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
-        network = unet_for(config.network, self.images.channels, self.images.slice_context, n_labels,
+        network = unet_for(config.network, self.images.input_channels, self.images.slice_context, n_labels,
                            config.base_channels, config.depth)
         n_heads = {"all": self.n_positive + len(self.drawings.negative_targets), "positive": self.n_positive,
                    "none": 0}[config.transition_heads]
@@ -592,12 +592,14 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
     return assemble_planes(image, model, labels, probabilities or None, reliability or None)
 
 
-def unet_for(kind: str, channels: int, slice_context: int, n_labels: int, base_channels: int, depth: int) -> UNet:
-    """The refineseg network of a kind (:data:`~napari_coarseseg.training.NETWORKS`) for slices of ``channels``
-    channels seen with ``slice_context`` slices on either side."""
+def unet_for(kind: str, input_channels: int, slice_context: int, n_labels: int, base_channels: int,
+             depth: int) -> UNet:
+    """The refineseg network of a kind (:data:`~napari_coarseseg.training.NETWORKS`) for ``input_channels``
+    channels: a plane's and its ``slice_context`` neighbours' on either side."""
     if kind == "unet3d":
-        return SlabUNet(channels, n_labels, base_channels, depth, slices=2 * slice_context + 1)
-    return UNet(channels * (2 * slice_context + 1), n_labels, base_channels, depth)
+        slices = 2 * slice_context + 1
+        return SlabUNet(input_channels // slices, n_labels, base_channels, depth, slices=slices)
+    return UNet(input_channels, n_labels, base_channels, depth)
 
 
 def build_model(card: dict) -> Model:
@@ -610,8 +612,8 @@ def build_model(card: dict) -> Model:
                              "with a slice context >= 1")
     heads = nn.ModuleList([TransitionHead(int(network["base_channels"]), n_labels)
                            for _ in range(int(network.get("n_heads", 0)))])
-    unet = unet_for(kind, card["channels"], card.get("slice_context", 0), n_labels, int(network["base_channels"]),
-                    int(network["depth"]))
+    unet = unet_for(kind, input_channels(card), card.get("slice_context", 0), n_labels,
+                    int(network["base_channels"]), int(network["depth"]))
     return Model(unet, heads, card)
 
 
