@@ -363,6 +363,16 @@ def save_runs(new: dict, path: Path = RUNS_FILE) -> dict:
     return runs
 
 
+def keep_run(key: str, record: dict, args) -> dict:
+    """Save ``record`` under ``key`` in ``args.runs`` with the machine it ran on, print its Dice; all the runs."""
+    record = {**record, "device": args.device, "threads": args.threads,
+              "machine": platform.processor() or platform.machine()}
+    runs = save_runs({key: record}, args.runs)
+    print(f"{key}: val Dice {record['val']['dice']:.3f}, test Dice {record['test']['dice']:.3f}, "
+          f"{record['seconds']:.0f} s", flush=True)
+    return runs
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     runs = load_runs()

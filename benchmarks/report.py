@@ -53,3 +53,12 @@ def dice_rows(results, folds) -> list[str]:
 def margins_over_baselines(results, method: str, baselines, folds) -> list[float]:
     """Per fold, the mean Dice of ``method`` minus that of the best of ``baselines``."""
     return [mean_dice(results[method][f]) - max(mean_dice(results[b][f]) for b in baselines) for f in folds]
+
+
+def add_run_options(parser, runs_file, out) -> None:
+    """The options every records-keeping benchmark takes: threads, device, --force, --out and --runs."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force", action="store_true", help="redo runs already recorded")
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--runs", type=Path, default=runs_file, help="the records file (default %(default)s)")

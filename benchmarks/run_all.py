@@ -12,6 +12,8 @@ Runs, one after the other (each alone on the machine, so timings are clean):
    ``heads.py`` (what the heads and the network learn from a 4 px biased annotator, about 3 minutes);
    ``volume.py run`` (the 30-slice EM volume drawn on 5 slices: refineseg with and without heads, the forest
    and naive training, 3 seeds, about 40 minutes on 2 cores; runs already in ``volume_runs.json`` are kept);
+   ``brain_mri.py run`` (a T1 brain MRI in 3-mm slices drawn on 6 slices: refineseg with and without heads
+   and the forest, 3 seeds, about 25 minutes on 2 cores; needs nilearn, which ships the template);
 6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes);
 7. ``live.py`` and ``live_recursive.py`` (scripted live sessions of each method, 3 annotators, about 12
    minutes each); ``distributed_predict.py`` (a zarr volume on a local dask cluster, a few minutes).
@@ -55,6 +57,7 @@ BENCHMARKS = {
     "live_recursive": ("live_recursive.py", [], "Live sessions of the recursive method"),
     "volume": ("volume.py", ["run", "--settings", "preset", "no heads", "preset per slice", "no heads per slice"],
                "Volumes"),
+    "brain_mri": ("brain_mri.py", ["run", "--settings", "preset", "no heads"], "A brain MRI in thick slices"),
     "distributed_predict": ("distributed_predict.py", ["--shape", "8,1024,1024"],
                             "Distributed prediction of a zarr volume"),
 }

@@ -24,7 +24,9 @@ Methods (the same strokes):
   trained on the whole volume and its stroke volumes at once, as a user does
   (``--settings``: ``preset``, and ``no heads``, the same without transition
   heads, ``realdata.py``'s control (a); ``... per slice``: the same with
-  each slice normalised on its own, as the forest's features are);
+  each slice normalised on its own, as the forest's features are; ``heads
+  held on drawn pixels per slice`` and ``positive heads per slice``: two
+  ways of keeping transition heads, tried against ``no heads per slice``);
   ``--variant`` picks the network: ``slicewise-2d`` (the 2-D U-Net on the
   stack slice by slice), ``2.5-d`` (the same with the slices above and
   below as channels) or ``3-d`` (``network="unet3d"``: the anisotropic 3-D
@@ -64,7 +66,6 @@ these threads. Writes ``volume.md`` and ``volume.json`` into the output folder.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from functools import lru_cache
@@ -76,13 +77,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from realdata import load_runs, save_runs  # noqa: E402
+from realdata import keep_run, load_runs  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, simulate, train_refineseg  # noqa: E402
 from napari_coarseseg.metrics import dice, instances_of, match_instances  # noqa: E402
 
 from baselines import feature_seconds, predict_dense, random_forest_fit, random_forest_predict, train_dense  # noqa: E402
-from report import mean_and_spread, write_results  # noqa: E402
+from report import add_run_options, mean_and_spread, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUNS_FILE = HERE / "results" / "volume_runs.json"
@@ -111,7 +112,10 @@ METHODS = ("refineseg", "random forest", "naive")
 # the sections' brightness drifts (slice medians 101-146 of 255).
 REFINESEG_SETTINGS = {"preset": {}, "no heads": {"transition_heads": "none"},
                       "preset per slice": {"normalisation": "slice"},
-                      "no heads per slice": {"transition_heads": "none", "normalisation": "slice"}}
+                      "no heads per slice": {"transition_heads": "none", "normalisation": "slice"},
+                      "heads held on drawn pixels per slice": {"regulariser_on": "drawn pixels",
+                                                               "normalisation": "slice"},
+                      "positive heads per slice": {"transition_heads": "positive", "normalisation": "slice"}}
 # The rows of the report: (method, setting); None: the setting with the best validation Dice.
 ROWS = (*(("refineseg", name) for name in REFINESEG_SETTINGS), ("naive", None), ("random forest", None))
 
@@ -248,12 +252,8 @@ def run(args) -> int:
             record = {"method": method, "network": network, "setting": setting, "seed": seed,
                       "steps": None if method == "random forest" else steps, "seconds": seconds,
                       "val": score(labels, instances, VALIDATION), "test": score(labels, instances, TEST),
-                      "drawn_pixels": {"positive": int((positive > 0).sum()), "negative": int((negative > 0).sum())},
-                      "device": args.device, "threads": args.threads,
-                      "machine": platform.processor() or platform.machine()}
-            runs = save_runs({key: record}, args.runs)
-            print(f"{key}: val Dice {record['val']['dice']:.3f}, test Dice {record['test']['dice']:.3f}, "
-                  f"{seconds:.0f} s", flush=True)
+                      "drawn_pixels": {"positive": int((positive > 0).sum()), "negative": int((negative > 0).sum())}}
+            runs = keep_run(key, record, args)
     return report(args)
 
 
@@ -343,11 +343,7 @@ def main(argv=None) -> int:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="training steps of the networks (default: the preset's)")
     budget.add_argument("--minutes", type=float, help="train the networks for as many steps as fit in this time")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--force", action="store_true", help="redo runs already recorded")
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--runs", type=Path, default=RUNS_FILE, help="the records file (default %(default)s)")
+    add_run_options(parser, RUNS_FILE, HERE / "results")
     args = parser.parse_args(argv)
     return run(args) if args.command == "run" else report(args)
 
