@@ -66,7 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realdata import keep_run, load_runs  # noqa: E402
-from volume import FOREST_VARIANTS  # noqa: E402
+from volume import FOREST_VARIANTS, NETWORK_SETTINGS, REFINESEG_SETTINGS  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, simulate, train_refineseg  # noqa: E402
 from napari_coarseseg.metrics import dice  # noqa: E402
@@ -80,15 +80,9 @@ TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 THICKNESS = 3  # 1-mm slices averaged into one
 N_DRAWN = 6
 DRAWING = {"margin": 0, "edge_noise": 0.5, "brush_width": (3, 4), "coverage": 0.15, "undrawn": 0.0}
-CLASSES = ("grey matter", "white matter")
-REFINESEG_SETTINGS = {"preset": {}, "no heads": {"transition_heads": "none"},
-                      "preset per slice": {"normalisation": "slice"},
-                      "no heads per slice": {"transition_heads": "none", "normalisation": "slice"}}
+#: refineseg's settings: ``volume.py``'s first four (the preset, no heads, each also per slice).
+SETTINGS = ("preset", "no heads", "preset per slice", "no heads per slice")
 METHODS = ("refineseg", "random forest")
-#: refineseg's networks (``--variant``): slice by slice, 2.5-D (the slices above and below as channels) and the
-#: anisotropic 3-D encoder over those three slices. Runs of a variant other than slice-wise 2-D carry its name
-#: after the setting's.
-NETWORK_VARIANTS = {"slicewise-2d": {}, "2.5-d": {"slice_context": 1}, "3-d": {"slice_context": 1, "network": "unet3d"}}
 
 
 @lru_cache(maxsize=None)
@@ -169,13 +163,14 @@ def run(args) -> int:
     slices = split_slices(classes)
     config = load_preset("refineseg").replace(evolution_every=0)
     runs = load_runs(args.runs)
+    # Runs of a network other than slice-wise 2-D carry its name after the setting's.
+    variant = "" if args.variant == "slicewise-2d" else f", {args.variant}"
+    plan = [(m, s, p) for m in args.methods for s, p in
+            (FOREST_VARIANTS if m == "random forest" else
+             {name + variant: {**REFINESEG_SETTINGS[name], **NETWORK_SETTINGS[args.variant]}
+              for name in args.settings}).items()]
     for seed in range(args.seeds):
         tissue, rest = drawings_of(classes, slices["drawn"], seed)
-        variant = "" if args.variant == "slicewise-2d" else f", {args.variant}"
-        plan = [(m, s, p) for m in args.methods for s, p in
-                (FOREST_VARIANTS if m == "random forest" else
-                 {name + variant: {**REFINESEG_SETTINGS[name], **NETWORK_VARIANTS[args.variant]}
-                  for name in args.settings}).items()]
         for method, setting, parameters in plan:
             key = f"{method}|{setting}|seed {seed}"
             if key in runs and not args.force:
@@ -239,8 +234,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--settings", nargs="+", default=["preset"], choices=list(REFINESEG_SETTINGS))
-    parser.add_argument("--variant", default="slicewise-2d", choices=list(NETWORK_VARIANTS),
+    parser.add_argument("--settings", nargs="+", default=["preset"], choices=SETTINGS)
+    parser.add_argument("--variant", default="slicewise-2d", choices=list(NETWORK_SETTINGS),
                         help="refineseg's network (default slicewise-2d)")
     parser.add_argument("--seeds", type=int, default=3)
     add_run_options(parser, RUNS_FILE, HERE / "results")

@@ -156,14 +156,19 @@ def slicewise_2d(image, positive, negative, config, seed: int, device: str):
     return predict(model, image, device=device).labels, seconds
 
 
+#: What each network variant changes in the configuration (``brain_mri.py`` runs the same ones).
+NETWORK_SETTINGS = {"slicewise-2d": {}, "2.5-d": {"slice_context": 1},
+                    "3-d": {"slice_context": 1, "network": "unet3d"}}
+
+
 def context_25d(image, positive, negative, config, seed: int, device: str):
     """2.5-D: the same U-Net, each slice with the slices above and below as channels (``slice_context=1``)."""
-    return slicewise_2d(image, positive, negative, config.replace(slice_context=1), seed, device)
+    return slicewise_2d(image, positive, negative, config.replace(**NETWORK_SETTINGS["2.5-d"]), seed, device)
 
 
 def slab_3d(image, positive, negative, config, seed: int, device: str):
     """3-D: the anisotropic 3-D encoder over the same three slices (``network="unet3d"``, ``slice_context=1``)."""
-    return slicewise_2d(image, positive, negative, config.replace(slice_context=1, network="unet3d"), seed, device)
+    return slicewise_2d(image, positive, negative, config.replace(**NETWORK_SETTINGS["3-d"]), seed, device)
 
 
 #: The network variants ``--variant`` picks: ``train(image, positive, negative, config, seed, device)`` returns
