@@ -97,6 +97,7 @@ class LiveSession:
             for layer in layers:
                 for name in DRAWING_EVENTS:
                     getattr(layer.events, name).connect(self._mark_changed)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
         self._make_layers()
         # run_options go to LiveTraining.run (preview_every, first_preview, refresh_every, ...).
         self.worker = thread_worker(self._work, start_thread=False, ignore_errors=True)(**run_options)
@@ -110,7 +111,17 @@ class LiveSession:
     def _mark_changed(self, event=None):
         self._changed.set()
 
+    def _on_layer_removed(self, event):
+        """The image layer removed (or the viewer closed, which removes every layer): the session ends, and
+        what it still yields is dropped, since its layers may be gone with the viewer."""
+        if event.value is self._image_layer and not self._stop_requested.is_set():
+            self._stop_requested.set()
+            if self.training is not None:
+                self.training.stop()
+            show_info(f"Live training stopped: the image layer {self.image_name!r} was removed.")
+
     def _disconnect(self):
+        self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
         for layers in self.drawing_layers.values():
             for layer in layers:
                 for name in DRAWING_EVENTS:
@@ -136,6 +147,8 @@ class LiveSession:
                         **derived_layer_kwargs(self._image_layer, len(self._shape) + 1))
 
     def _on_yielded(self, event):
+        if not any(layer is self._image_layer for layer in self.viewer.layers):
+            return  # the image was removed, or the viewer closed: the session is ending
         if isinstance(event, LivePreview):
             index = (event.plane, *event.box) if self._stack else event.box
             for layer_name, values in ((prediction_layer_name(self.image_name), event.labels),
@@ -237,7 +250,8 @@ class LiveSession:
 
 def live_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, preset: str | None = None, device: str = "auto",
                    seed: int | None = 0, init=None, start: bool = True, on_event=None, preview_every: float = 3.0,
-                   first_preview: float = 1.5, refresh_every: int = 10, **layers_and_settings):
+                   first_preview: float = 1.5, refresh_every: int = 10, refresh_seconds: float = 1.0,
+                   **layers_and_settings):
     """Train on the drawing layers of ``viewer`` live: the network follows new strokes until stopped.
 
     Parameters
@@ -255,9 +269,9 @@ def live_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, preset: str |
         Start the worker now.
     on_event : callable, optional
         Called in the GUI thread with every :class:`~napari_coarseseg.live.LiveStep`.
-    preview_every, first_preview, refresh_every
-        Seconds between previews and before the first; steps between reads
-        of the drawing layers.
+    preview_every, first_preview, refresh_every, refresh_seconds
+        Seconds between previews and before the first; steps, or seconds
+        when they pass first, between reads of the drawing layers.
     **layers_and_settings
         Drawing layers by role (names or layers; lists where a role takes
         several), e.g. ``positive=["strokes"], negative=["not"]``; every other
@@ -276,7 +290,8 @@ def live_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, preset: str |
     and, for a 2-D image, ``"<image> evolution"`` (every preview). The
     drawing layers are read, never written; edits by brush, fill, erase,
     ``data_setitem`` or ``layer.data = ...`` are taken in within
-    ``refresh_every`` steps.
+    ``refresh_every`` steps or ``refresh_seconds`` seconds, whichever comes
+    first.
     """
     try:
         chosen, image_layer, image_data, rgb, named, settings = training_inputs(viewer, image, method,
@@ -299,5 +314,6 @@ def live_in_viewer(viewer, image, method: str = DEFAULT_METHOD, *, preset: str |
                             name=image_layer.name, init=init, **settings)
 
     session = LiveSession(viewer, make_training, shape, image_layer, layers, on_event, preview_every=preview_every,
-                          first_preview=first_preview, refresh_every=refresh_every)
+                          first_preview=first_preview, refresh_every=refresh_every,
+                          refresh_seconds=refresh_seconds)
     return session.start() if start else session

@@ -2,8 +2,10 @@
 
 A live session keeps one training loop (:class:`~napari_coarseseg.methods.TrainingLoop`) going:
 
-- every ``refresh_every`` optimiser steps it asks ``read_drawings()`` for the
-  drawing layers; when they changed (strokes added or erased), the method's
+- every ``refresh_every`` optimiser steps, or ``refresh_seconds`` seconds
+  when that comes first (steps on a CPU take a second or more on a large
+  patch: ten of them would keep a stroke waiting), it asks
+  ``read_drawings()`` for the drawing layers; when they changed (strokes added or erased), the method's
   targets and patch sampler are rebuilt while the weights, the optimiser state
   and the transition heads are kept, and half of the patches that centre on
   drawn pixels centre on the changed pixels for a while, so new strokes are
@@ -177,8 +179,8 @@ class LiveTraining:
 
     def run(self, read_drawings: Callable[[], dict | None] = _no_change,
             read_region: Callable[[], tuple[int, tuple] | None] = lambda: None, *, refresh_every: int = 10,
-            preview_every: float = 3.0, first_preview: float = 1.5, warmup_steps: int = 20,
-            context: int = 32, average: float = 0.97) -> Generator[LiveStep, None, None]:
+            refresh_seconds: float = 1.0, preview_every: float = 3.0, first_preview: float = 1.5,
+            warmup_steps: int = 20, context: int = 32, average: float = 0.97) -> Generator[LiveStep, None, None]:
         """The session's generator (see the module docstring).
 
         Parameters
@@ -191,8 +193,11 @@ class LiveTraining:
         read_region : callable
             Returns ``(plane, (y slice, x slice))`` to preview, or ``None`` for
             the whole first plane.
-        refresh_every : int
-            Steps between calls of ``read_drawings``.
+        refresh_every, refresh_seconds : int, float
+            Steps, or seconds when they pass first, between calls of
+            ``read_drawings`` (a call that finds nothing changed costs
+            nothing; taking in changed drawings costs about 0.05 s on a
+            512 x 512 image).
         preview_every, first_preview : float
             Seconds between previews (at least four times what the last one
             took), and before the first one.
@@ -209,7 +214,7 @@ class LiveTraining:
         loop.hold_rate(warmup_steps)
         for module in loop.modules.values():
             module.train()
-        version, message, next_preview = 0, "", first_preview
+        version, message, next_preview, last_read = 0, "", first_preview, start
         self.averaged = {name: copy.deepcopy(module) for name, module in loop.modules.items()}
         try:
             while not self._stop.is_set():
@@ -219,8 +224,8 @@ class LiveTraining:
                 loop.live_update(step)
                 # Bias-corrected as in TensorFlow's moving averages: early on, the random start weighs little.
                 self._update_average(min(average, (1 + step) / (10 + step)))
-                if step % refresh_every == 0:
-                    layers = read_drawings()
+                if step % refresh_every == 0 or time.perf_counter() - last_read >= refresh_seconds:
+                    layers, last_read = read_drawings(), time.perf_counter()
                     if layers is not None:
                         try:
                             loop.take_drawings(layers)

@@ -44,7 +44,8 @@ def test_new_strokes_are_taken_in_with_the_same_weights_and_optimiser_and_learne
     more[(mask > 0) & (positive == 0) & (np.arange(64)[None, :] < 20)] = 1  # strokes added on the left discs
     offers = iter([None, {"positive": [more], "negative": [negative]}])
     events = []
-    for event in session.run(lambda: next(offers, None), refresh_every=5, first_preview=1e9):
+    for event in session.run(lambda: next(offers, None), refresh_every=5, refresh_seconds=float("inf"),
+                             first_preview=1e9):
         events.append(event)
         if event.step == 12:
             session.stop()
@@ -59,6 +60,21 @@ def test_new_strokes_are_taken_in_with_the_same_weights_and_optimiser_and_learne
     centres = sampler.centres(4000)
     on_new = changed[centres[:, 1], centres[:, 2]].mean()
     assert 0.3 < on_new < 0.5
+
+
+def test_drawings_are_read_every_refresh_seconds_when_steps_are_slow(discs, disc_drawings):
+    image, _ = discs
+    layers = {"positive": [disc_drawings.positive], "negative": [disc_drawings.negative]}
+    session = LiveTraining(image, layers, **TINY)
+    reads = []
+    for event in session.run(lambda: reads.append(session.loop.step) or None, refresh_every=1000, refresh_seconds=0.35,
+                             first_preview=1e9):
+        time.sleep(0.1)  # a slow step
+        if event.step == 12:
+            session.stop()
+    # About every 3rd step (0.35 s of 0.1-s steps), never every step; the 1000 steps of the rule never come.
+    gaps = np.diff(reads)
+    assert 2 <= len(reads) <= 6 and gaps.min() >= 2, reads
 
 
 def test_refused_drawings_are_reported_and_the_old_ones_kept(discs, disc_drawings):
@@ -232,7 +248,7 @@ def test_live_session_on_the_sample_previews_fast_follows_corrections_and_never_
             if (here := piece[name] == k).any():
                 viewer.layers[name].data_setitem(np.nonzero(here), 1)
     qtbot.wait(int(max(60 - (time.perf_counter() - started), 0) * 1000))
-    # Every stroke painted by now, and taken in by the session (it re-reads the layers every 10 steps).
+    # Every stroke painted by now, and taken in by the session (it re-reads the layers every 10 steps or 1 s).
     for strategy, name in enumerate(strokes):
         drawn_now = (strokes[name] > 0) | more[name]
         assert np.array_equal(viewer.layers[name].data > 0, drawn_now)
@@ -310,7 +326,10 @@ def test_a_stack_previews_the_slice_and_box_in_view_only(make_napari_viewer, qtb
     session = live_in_viewer(viewer, "stack", positive="in", negative="out", first_preview=0, preview_every=0.1,
                              on_event=lambda e: previews.append(e) if isinstance(e, LivePreview) else None, **TINY)
     qtbot.waitUntil(lambda: len(previews) >= 2, timeout=60_000)
-    assert session.stop(timeout=5)
+    # Removing the image (as closing the viewer does) ends the session; what it still yields is dropped.
+    viewer.layers.remove("stack")
+    qtbot.waitUntil(lambda: not session.worker.is_running, timeout=5_000)
+    assert not session.running and session.training.stopped
     assert errors == [] and "stack evolution" not in viewer.layers  # the history of a stack is not kept
     box = previews[-1].box
     height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
