@@ -3,12 +3,12 @@
 A live session keeps one training loop (:class:`~napari_coarseseg.methods.TrainingLoop`) going:
 
 - every ``refresh_every`` optimiser steps, or ``refresh_seconds`` seconds
-  when that comes first (steps on a CPU take a second or more on a large
-  patch: ten of them would keep a stroke waiting), it asks
-  ``read_drawings()`` for the drawing layers; when they changed (strokes added or erased), the method's
-  targets and patch sampler are rebuilt while the weights, the optimiser state
-  and the transition heads are kept, and half of the patches that centre on
-  drawn pixels centre on the changed pixels for a while, so new strokes are
+  when that comes first (a step of the preset takes about 0.5 s on 2 CPU
+  cores: ten of them kept a stroke waiting 5 s), it asks
+  ``read_drawings()`` for the drawing layers; when they changed (strokes
+  added or erased), the method's targets and patch sampler are rebuilt
+  while the weights, the optimiser state and the transition heads are
+  kept, and half of the patches that centre on drawn pixels centre on the changed pixels for a while, so new strokes are
   learned first; strokes painted during the session are the user's
   corrections and are taken as exact (no transition head explains them
   away, :meth:`TrainingLoop.trust_new_strokes`); after every step the method
