@@ -8,10 +8,11 @@ A live session keeps one training loop (:class:`~napari_coarseseg.methods.Traini
   ``read_drawings()`` for the drawing layers; when they changed (strokes
   added or erased), the method's targets and patch sampler are rebuilt
   while the weights, the optimiser state and the transition heads are
-  kept, and half of the patches that centre on drawn pixels centre on the changed pixels for a while, so new strokes are
-  learned first; strokes painted during the session are the user's
-  corrections and are taken as exact (no transition head explains them
-  away, :meth:`TrainingLoop.trust_new_strokes`); after every step the method
+  kept, and half of the patches that centre on drawn pixels centre on the
+  changed pixels for a while, so new strokes are learned first; strokes
+  painted during the session are the user's corrections and are taken as
+  exact (no transition head explains them away,
+  :meth:`TrainingLoop.trust_new_strokes`); after every step the method
   does what else it does between steps (:meth:`TrainingLoop.live_update`:
   the recursive method grows its regions every ``steps`` steps);
 - the learning rate warms up over ``warmup_steps`` steps and then stays
