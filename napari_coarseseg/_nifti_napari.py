@@ -11,7 +11,8 @@
   scaled by the voxel sizes: no rotation, no origin (every layer made from
   the image gets the same scale, so they overlay).
 - :func:`write_labels` saves a Labels layer as ``.nii``/``.nii.gz``
-  (napari-coarseseg.write_nifti_labels) on the grid in its metadata: the
+  (napari-coarseseg.write_nifti_labels) on the grid in its metadata, never over
+  a file that holds an image (:func:`holds_labels`): the
   prediction, evolution and drawing layers the plugin makes from a NIfTI image
   carry the image's grid (:func:`derived_layer_kwargs`), so they are written
   with its affine and header and overlay it in ITK-SNAP and Slicer. A layer
@@ -94,8 +95,21 @@ def read_layers(path) -> list[tuple]:
     return [layer_data(p) for p in _paths(path)]
 
 
+def holds_labels(path) -> bool:
+    """Whether the NIfTI file at ``path`` is a label map (intent "label", integer voxels): what :func:`layer_data`
+    opens as a Labels layer; anything else opens as an image. Reads the header only."""
+    header = _nibabel().load(str(path)).header
+    return header.get_intent()[0] == "label" and header.get_data_dtype().kind in "biu"
+
+
 def write_labels(path: str, data, attributes: dict) -> list[str]:
-    """npe2 writer contribution: a Labels layer as ``.nii``/``.nii.gz`` on its grid (see the module docstring)."""
+    """npe2 writer contribution: a Labels layer as ``.nii``/``.nii.gz`` on its grid (see the module docstring).
+
+    An existing file that holds an image is never overwritten: a layer made from ``scan.nii.gz`` carries its grid
+    and would otherwise be saved over the scan itself with one slip in the file dialog."""
+    if is_nifti(path) and Path(path).is_file() and not holds_labels(path):
+        raise ValueError(f"{Path(path).name} holds an image, not a label map: saving the labels over it would destroy "
+                         "it; choose another file name")
     data = np.asarray(data)
     info = (attributes.get("metadata") or {}).get(NIFTI_KEY)
     if not isinstance(info, NiftiInfo) or data.shape[data.ndim - len(info.shape):] != info.shape:

@@ -34,9 +34,12 @@ from scipy import ndimage as ndi
 __all__ = [
     "Role",
     "AnnotationError",
+    "MAX_CLASSES",
     "ROLE_KEY",
     "validate_image",
     "validate_drawing",
+    "check_class_values",
+    "class_count",
     "spatial_shape",
     "label_dtype",
     "is_rgb",
@@ -52,9 +55,18 @@ __all__ = [
 
 UNANNOTATED = -1
 
+#: The largest class value a drawing or mask may hold (classes 1..MAX_CLASSES; labels fit in uint8). A model's
+#: memory grows with the square of the class count (refineseg's transition heads), so a value beyond it is almost
+#: always a wrong file (an image, a 0/255 mask) rather than that many classes.
+MAX_CLASSES = 255
+
 
 # The layer.metadata key under which napari layers carry their Role (set by the widgets and the samples).
 ROLE_KEY = "coarseseg_role"
+
+
+#: Roles whose drawings mark pixels with any non-zero value (no class): their values are never bounded.
+MARK_ROLES = frozenset({"background", "separation"})
 
 
 class Role(str, Enum):
@@ -195,6 +207,10 @@ def validate_image(image, name: str = "image", rgb: bool | None = None) -> np.nd
         raise AnnotationError(f"{name} is empty (shape {image.shape}).")
     if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise AnnotationError(f"{name} has dtype {image.dtype}; expected numbers.")
+    if np.issubdtype(image.dtype, np.complexfloating):
+        # Dropping the imaginary part silently would segment half of the data.
+        raise AnnotationError(f"{name} has complex values ({image.dtype}); segment a real image made from it: its "
+                              "magnitude (numpy.abs) or its real part")
     # Lazy arrays are checked slice by slice as they are read (data.iter_normalized_planes).
     if not lazy and np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         raise AnnotationError(
@@ -267,12 +283,56 @@ def validate_drawing(
             f"{role} drawing {name!r} holds negative values ({drawing.min()}); "
             "use 0 for 'not annotated' and 1..K for classes."
         )
+    if role not in MARK_ROLES:
+        check_class_values(drawing, f"{role} drawing {name!r}")
     if not allow_empty and not drawing.any():
         raise AnnotationError(
             f"{role} drawing {name!r} is empty: nothing is drawn. Paint some pixels "
             "or remove the layer from the training inputs."
         )
     return drawing
+
+
+def check_class_values(labels: np.ndarray, what: str) -> None:
+    """Refuse labels that cannot be classes 1..:data:`MAX_CLASSES`: larger values (an image given as a drawing)
+    and a 0/255 binary mask, which would mean 255 classes.
+
+    Examples
+    --------
+    >>> check_class_values(np.array([0, 1, 2]), "mask")
+    >>> check_class_values(np.array([0, 255, 255]), "mask")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    napari_coarseseg.annotations.AnnotationError: mask holds only 0 and 255: a binary mask? ...
+    """
+    top = int(labels.max()) if labels.size else 0
+    if top > MAX_CLASSES:
+        raise AnnotationError(f"{what} holds values up to {top}, but labels are classes 1..{MAX_CLASSES} (0: none): "
+                              "is it an image rather than a drawing or mask? Give the Labels file")
+    if top == 255 and not np.any((labels > 0) & (labels < 255)):
+        raise AnnotationError(f"{what} holds only 0 and 255: a binary mask? Classes are 1..K: use --binary (every "
+                              "non-zero value is class 1), or save it as 0/1")
+
+
+def class_count(n_classes, drawn: int, what: str = "a drawing") -> int:
+    """The class count K of a run: ``n_classes`` if given (1..:data:`MAX_CLASSES`, at least the largest drawn
+    class ``drawn``), else ``drawn`` (at least 1).
+
+    Examples
+    --------
+    >>> class_count(None, 3), class_count(5, 3)
+    (3, 5)
+    """
+    if n_classes is None:
+        return max(int(drawn), 1)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
+            or not 1 <= n_classes <= MAX_CLASSES:
+        raise AnnotationError(f"the number of classes must be a whole number from 1 to {MAX_CLASSES}, got "
+                              f"{n_classes!r}")
+    if drawn > n_classes:
+        raise AnnotationError(f"{what} holds class {drawn} but the number of classes is {n_classes}; raise it or "
+                              "fix the drawing.")
+    return int(n_classes)
 
 
 def positive_target(drawing: np.ndarray) -> np.ndarray:
@@ -734,6 +794,8 @@ def _checked_full_mask(labels, instances: bool) -> np.ndarray:
         raise AnnotationError("labels hold negative values; a mask holds 0 (background) and 1..K.")
     if not labels.any():
         raise AnnotationError("labels are all zero: there is no object to simulate drawings from.")
+    if not instances:
+        check_class_values(labels, "the mask")
     # Count object values only: a mask need not contain background.
     n_values = len(np.unique(labels[labels > 0]))
     if not instances and n_values > 32:

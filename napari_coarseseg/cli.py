@@ -29,16 +29,85 @@ from pathlib import Path
 import numpy as np
 
 from ._version import __version__
-from .annotations import AnnotationError
+from .annotations import MARK_ROLES, MAX_CLASSES, AnnotationError
 from .data import NORMALISATIONS
-from .io import InputError, StagedWrites, is_nifti, match_by_name, read_tiff, resolve_inputs
+from .io import (
+    LABEL_SUFFIXES,
+    InputError,
+    StagedWrites,
+    check_output_folder,
+    check_paths,
+    check_suffix,
+    is_nifti,
+    made_folder,
+    match_by_name,
+    read_tiff,
+    resolve_inputs,
+    same_file,
+)
 from .methods import DEFAULT_METHOD, METHODS, check_roles, drawing_roles, get_method, load_model
 from .model_io import ModelFileError
 from .nifti import NiftiInfo, check_same_grid, nifti_writer, read_nifti
-from .training import NETWORKS
+from .resources import check_free_space
+from .training import MAX_SLICE_CONTEXT, NETWORKS, PRIOR_STRENGTH_MAX
 
 #: Exceptions that mean "the user's input is wrong": reported in one line.
 USER_ERRORS = (AnnotationError, InputError, ModelFileError, ValueError, OSError, FloatingPointError)
+
+#: The seeds numpy and torch both take (torch.manual_seed overflows beyond 2**64 - 1 in its own words).
+SEED_MAX = 2**32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with misuse reported like every other error: one line, no usage block (``--help`` has it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
+def _whole(low: int, high: int | None = None, what: str = "a whole number"):
+    """An argparse type: a whole number in [low, high], or a message naming the range."""
+    bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float = float("inf")):
+    """An argparse type: a finite number in [low, high], or a message naming the range."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {text!r}"
+                                             if np.isfinite(high) else f"expected a number >= {low:g}, got {text!r}")
+        return value
+    return parse
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--spacing -1,1`` as ``--spacing=-1,1``: argparse takes a value starting with '-' for an option unless it
+    is a plain negative number, and would answer "expected one argument" instead of checking the value."""
+    joined, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if (token.startswith("--") and "=" not in token and i + 1 < len(argv) and len(argv[i + 1]) > 1
+                and argv[i + 1][0] == "-" and (argv[i + 1][1].isdigit() or argv[i + 1][1] == ".")):
+            joined.append(f"{token}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(token)
+            i += 1
+    return joined
 
 
 def _parse_erode(text: str) -> tuple[float, float]:
@@ -128,27 +197,29 @@ def _add_simulate_parser(sub) -> None:
     sim.add_argument("--erode", type=_parse_erode,
                      help="eroded style: erosion radius of positive drawings, a number or a range low-high "
                           "(default 2-4)")
-    sim.add_argument("--margin", type=float, default=4.0,
+    sim.add_argument("--margin", type=_number(0), default=4.0,
                      help="negative drawings start this many pixels outside a class (default 4)")
     sim.add_argument("--partial-fraction", type=_range_of("a fraction", "0.3-0.6"),
                      help="fraction of each object's area kept in the partial mask, a number or a range drawn "
                           "per object (default 0.45 eroded, 0.3-0.6 scribble)")
     sim.add_argument("--instances", action="store_true",
                      help="the mask is an instance mask (one value per object, all of class 1)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    sim.add_argument("--seed", type=_whole(0, SEED_MAX), default=0, help="seed of every random choice (default 0)")
+    sim.add_argument("--binary", action="store_true",
+                     help="every non-zero value of the mask is class 1 (a 0/255 mask saved by an image tool)")
     # The scribble style's options; None = the default of annotations.simulate (refused with --style eroded).
-    sim.add_argument("--coverage", type=float,
+    sim.add_argument("--coverage", type=_number(0, 1),
                      help="scribble: fraction of each drawn object covered by positive strokes (default 0.3)")
     sim.add_argument("--brush-width", type=_range_of("a width", "3-8"),
                      help="scribble: brush diameter in pixels, a number or a range drawn per stroke (default 3-8)")
-    sim.add_argument("--edge-noise", type=float,
+    sim.add_argument("--edge-noise", type=_number(0),
                      help="scribble: amplitude in pixels of the wobble of stroke ends near borders (default 2)")
-    sim.add_argument("--undrawn", type=float,
+    sim.add_argument("--undrawn", type=_number(0, 1),
                      help="scribble: fraction of objects left without positive strokes (default 0.15)")
-    sim.add_argument("--sloppy", type=float,
+    sim.add_argument("--sloppy", type=_number(0, 1),
                      help="scribble: fraction of objects whose strokes spill 2-3 pixels over the border "
                           "(default 0.1)")
-    sim.add_argument("--negative-coverage", type=float,
+    sim.add_argument("--negative-coverage", type=_number(0, 1),
                      help="scribble: fraction of the region beyond --margin covered by negative strokes "
                           "(default 0.05)")
     sim.add_argument("--bias", type=int,
@@ -197,11 +268,11 @@ def _add_train_parser(sub) -> None:
                            + ("; repeat for several annotators" if several else ""))
     train.add_argument("--out", required=True, help="model file to write (.safetensors)")
     train.add_argument("--preset", help="settings preset from models/ or a JSON file (default: the method's)")
-    train.add_argument("--steps", type=int,
+    train.add_argument("--steps", type=_whole(1),
                        help="training steps (per iteration where a method has iterations; default from the preset)")
-    train.add_argument("--iterations", type=int,
+    train.add_argument("--iterations", type=_whole(1),
                        help="iterations K of methods that have them (recursive; default from the preset)")
-    train.add_argument("--slice-context", type=int, metavar="K",
+    train.add_argument("--slice-context", type=_whole(0, MAX_SLICE_CONTEXT), metavar="K",
                        help="stacks, 2.5-D: each slice also sees the K slices above and below it as extra "
                             "channels (0: slice-wise 2-D; default from the preset: 0); predict reads it from "
                             "the model")
@@ -213,10 +284,14 @@ def _add_train_parser(sub) -> None:
                        help="what intensities are normalised over: 'image' (the whole image or volume) or "
                             "'slice' (each slice on its own: serial sections whose brightness drifts; default "
                             "from the preset: image); predict reads it from the model")
-    train.add_argument("--classes", type=int, help="number of classes K (default: the largest drawn value)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--classes", type=_whole(1, MAX_CLASSES),
+                       help=f"number of classes K, 1..{MAX_CLASSES} (default: the largest drawn value)")
+    train.add_argument("--binary", action="store_true",
+                       help="every non-zero value of a drawing of classes (positive, negative, partial, strong) is "
+                            "class 1: for 0/255 masks saved by image tools")
+    train.add_argument("--seed", type=_whole(0, SEED_MAX), default=0, help="random seed (default 0)")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
-    train.add_argument("--batch-size", type=int, metavar="B",
+    train.add_argument("--batch-size", type=_whole(1), metavar="B",
                        help="patches per optimiser step (default from the preset); with several processes "
                             "(torchrun) the total over all of them, each taking B / N")
     train.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
@@ -225,7 +300,7 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--evolution", metavar="EVO.tif",
                        help="write the masks on the training image at each checkpoint, iteration 0 first "
                             "(.nii.gz for a NIfTI image: iterations on the fourth axis)")
-    train.add_argument("--checkpoint-every", type=int, metavar="N",
+    train.add_argument("--checkpoint-every", type=_whole(1), metavar="N",
                        help="write MODEL.checkpoint every N steps (default from the preset: 50); a killed run "
                             "loses at most N steps; the file is removed once the model is written")
     train.add_argument("--init", metavar="MODEL",
@@ -254,8 +329,9 @@ def _add_predict_parser(sub) -> None:
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     pred.add_argument("--flips", action="store_true",
                       help="test-time augmentation: average over the four mirror images (4x the time)")
-    pred.add_argument("--prior-strength", type=float, metavar="TAU",
-                      help="refineseg models: exponent of the class-prior correction (default the model's, 1); "
+    pred.add_argument("--prior-strength", type=_number(0, PRIOR_STRENGTH_MAX), metavar="TAU",
+                      help=f"refineseg models: exponent of the class-prior correction, 0 (off) to "
+                           f"{PRIOR_STRENGTH_MAX:g} (default the model's, 1: Bayes' rule); "
                            "3 helps sparse scribbles whose background strokes stay far from the objects")
     _add_channel_axis(pred, "The image needs the model's channels, in the order it was trained on.")
     _add_spacing(pred, "Default for a TIFF: the model card's (the training images' pixel size). Refused for "
@@ -264,7 +340,7 @@ def _add_predict_parser(sub) -> None:
     # Zarr inputs, chunk by chunk, on a dask cluster (napari_coarseseg.zarr_predict).
     pred.add_argument("--scheduler", metavar="ADDRESS",
                       help="zarr input: run the chunks on the workers of this dask scheduler (tcp://HOST:PORT)")
-    pred.add_argument("--workers", type=int, metavar="N",
+    pred.add_argument("--workers", type=_whole(1), metavar="N",
                       help="zarr input: run the chunks on a local cluster of N processes (one thread each)")
     pred.add_argument("--resume", action="store_true",
                       help="zarr input: continue --out OUT.zarr, skipping the chunks already written")
@@ -274,7 +350,7 @@ def _add_predict_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="coarseseg",
         description="Train segmentation networks from coarse drawings (RefineSeg, recursive approximation) "
                     "and apply them.",
@@ -292,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "left half, segment the whole image, score the right half against the "
                                       "expert mask and write outputs plus a figure.")
     demo.add_argument("--out-dir", default="coarseseg-demo", help="output folder (default ./coarseseg-demo)")
-    demo.add_argument("--steps", type=int, help="training steps (default from the preset)")
+    demo.add_argument("--steps", type=_whole(1), help="training steps (default from the preset)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_export_parser(sub)
@@ -316,15 +392,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _output_path(path, suffix: str | None = None) -> Path:
-    path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
-    if suffix and path.suffix.lower() != suffix:
-        raise InputError(f"{str(path)!r} should end in {suffix}")
-    return path
 
 
 def read_image(path, channel_axis: int | None = None) -> tuple[np.ndarray, NiftiInfo | None]:
@@ -358,44 +425,66 @@ def stage(staged: StagedWrites, target: Path, array: np.ndarray, grid: NiftiInfo
         staged.add(target, array)
 
 
+def _as_binary(array: np.ndarray) -> np.ndarray:
+    """``--binary``: every non-zero value is class 1."""
+    return (np.asarray(array) != 0).astype(np.uint8)
+
+
 def cmd_simulate(args) -> int:
     from .annotations import SCRIBBLE_DEFAULTS, simulate
 
-    out_dir = Path(args.out_dir)
-    labels, grid = read_image(args.labels)
+    # Every path checked before the mask is read: the folder, and that no output overwrites the mask.
+    if Path(args.labels).is_dir():
+        raise InputError(f"LABELS {args.labels!r} is a folder; simulate takes one mask file")
+    labels_path = resolve_inputs(args.labels)[0]
+    out_dir = check_output_folder(args.out_dir, "--out-dir", create=True)
+    suffix = ".nii.gz" if is_nifti(labels_path) else ".tif"  # drawings of a NIfTI mask lie on its grid
+    targets = {name: out_dir / f"{name}{suffix}" for name in ("positive", "negative", "partial")}
+    check_paths([("LABELS", labels_path)], [(f"--out-dir's {path.name}", path) for path in targets.values()])
+    labels, grid = read_image(labels_path)
+    if args.binary:
+        labels = _as_binary(labels)
     scribble = {name: getattr(args, name) for name in SCRIBBLE_DEFAULTS}  # None where not given
     drawings = simulate(labels, erode=args.erode, margin=args.margin, partial_fraction=args.partial_fraction,
                         instances=args.instances, seed=args.seed, style=args.style, **scribble)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = ".tif" if grid is None else ".nii.gz"  # drawings of a NIfTI mask lie on its grid
-    with StagedWrites() as staged:
-        for name in ("positive", "negative", "partial"):
-            stage(staged, out_dir / f"{name}{suffix}", getattr(drawings, name), grid)
+    with made_folder(out_dir), StagedWrites() as staged:
+        for name, target in targets.items():
+            stage(staged, target, getattr(drawings, name), grid)
     print(f"wrote {', '.join(str(p) for p in staged.paths)}")
     return 0
 
 
-def _load_training_set(args):
-    """The training images, their NIfTI grids (None for a TIFF) and, per role given, its layers matched to the
-    images (None where missing)."""
+def _training_files(args, method) -> tuple[list[Path], dict[str, list[list[Path | None]]]]:
+    """The image files and, per role given, each layer's file per image (None where it has none), resolved
+    before anything is read; a drawing that is the image itself is refused."""
     # The options are checked before any file is read.
     given = {role: getattr(args, role) for role in drawing_roles() if getattr(args, role)}
-    check_roles(get_method(args.method), given, spell=lambda role: f"--{role}")
+    check_roles(method, given, spell=lambda role: f"--{role}")
     image_files = resolve_inputs(args.image)
+    files = {role: [match_by_name(image_files, path, role) for path in paths] for role, paths in given.items()}
+    for role, layers in files.items():
+        for layer in layers:
+            for drawing, image in zip(layer, image_files, strict=True):
+                if drawing is not None and same_file(drawing, image):
+                    raise InputError(f"--{role} {str(drawing)!r} is the image itself; a drawing is a Labels layer "
+                                     "saved as a file of its own (0: not drawn, k: class k)")
+    return image_files, files
+
+
+def _read_training_set(args, image_files, files):
+    """The images, their NIfTI grids (None for a TIFF) and the drawing layers per role, matched to the images
+    (None where missing); ``--binary`` makes every non-zero value of a drawing of classes class 1."""
     images, grids = zip(*(read_image(p, args.channel_axis) for p in image_files), strict=True)
 
     def drawing(path, role, grid):
         array, own = read_image(path)
         if own is not None and grid is not None:
             check_same_grid(own, grid, f"{role} drawing")  # a drawing elsewhere in space is refused, not trained on
-        return array
+        return _as_binary(array) if args.binary and role not in MARK_ROLES else array
 
-    def layer(path, role):
-        return [None if p is None else drawing(p, role, grid)
-                for p, grid in zip(match_by_name(image_files, path, role), grids, strict=True)]
-
-    layers = {role: [layer(p, role) for p in paths] for role, paths in given.items()}
-    return image_files, list(images), list(grids), layers
+    layers = {role: [[None if p is None else drawing(p, role, grid) for p, grid in zip(layer, grids, strict=True)]
+                     for layer in per_role] for role, per_role in files.items()}
+    return list(images), list(grids), layers
 
 
 def checkpoint_path(model_path) -> Path:
@@ -448,30 +537,53 @@ def _train(args, ranks, device) -> int:
     from .training import load_preset, run_to_end
 
     method = get_method(args.method)
+    # Options first, then every path, then the files are read: nothing is read or written for a run that would be
+    # refused later, and no output may overwrite an input.
     spacing_option(args.spacing, method.name, method.train)  # a bad --spacing is refused before any file is read
-    out = _output_path(args.out, ".safetensors")
-    evolution_path = _output_path(args.evolution) if args.evolution else None
     config = load_preset(args.preset or method.preset)
     config = config.replace(steps=args.steps, iterations=args.iterations, checkpoint_every=args.checkpoint_every,
                             slice_context=args.slice_context, normalisation=args.normalisation,
                             network=args.network)
-    config = config.replace(batch_size=args.batch_size)
+    config = config.replace(batch_size=args.batch_size).validate()
+    out = check_suffix(args.out, (".safetensors",), "--out", "a model")
+    if out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a folder; give the model file's name (e.g. "
+                         f"{str(out / 'model.safetensors')!r})")
+    check_output_folder(out, "--out")
     if args.resume and not checkpoint_path(out).is_file():
         raise InputError(f"--resume: there is no checkpoint {str(checkpoint_path(out))!r}; start without --resume")
-    image_files, images, grids, layers = _load_training_set(args)
-    spacing = spacing_option(args.spacing, method.name, method.train, grids, image_files)
-    init = _initial_model(args.init, method) if args.init else None
-    if evolution_path is not None and len(images) > 1 and not evolution_path.is_dir():
-        raise InputError("--evolution needs a folder when training on a folder of images")
-    evolution_targets = [] if evolution_path is None else [
-        evolution_path / file.name if evolution_path.is_dir() else evolution_path for file in image_files]
+    image_files, files = _training_files(args, method)
+    evolution_targets = []
+    if args.evolution:
+        evolution_path = Path(args.evolution)
+        if len(image_files) > 1 and not evolution_path.is_dir():
+            raise InputError("--evolution needs a folder when training on a folder of images")
+        evolution_targets = [evolution_path / file.name if evolution_path.is_dir() else evolution_path
+                             for file in image_files]
+        for target in evolution_targets:
+            check_suffix(target, LABEL_SUFFIXES, "--evolution", "a stack of masks")
+            check_output_folder(target, "--evolution")
     check_outputs([(target, image_files[i]) for i, target in enumerate(evolution_targets)])
+    inputs = [("IMAGE", file) for file in image_files]
+    inputs += [(f"--{role}", file) for role, layers in files.items() for layer in layers for file in layer if file]
+    inputs += [(option, Path(value)) for option, value in (("--preset", args.preset), ("--init", args.init))
+               if value and Path(value).is_file()]
+    check_paths(inputs, [("--out", out), ("the checkpoint", checkpoint_path(out)),
+                         *(("--evolution", target) for target in evolution_targets)])
+    init = _initial_model(args.init, method) if args.init else None
+    images, grids, layers = _read_training_set(args, image_files, files)
+    spacing = spacing_option(args.spacing, method.name, method.train, grids, image_files)
     # NIfTI voxels are grey values: a volume whose X happens to be 3 or 4 long is no RGB picture. Channels come
     # through --channel-axis, which implies them.
     if args.channel_axis is not None:
         channels = {"channel_axis": args.channel_axis}
     else:
         channels = {"rgb": False} if all(grid is not None for grid in grids) else {}
+    if evolution_targets:
+        # One plane per evolution step, at most two bytes a pixel (labels), uncompressed.
+        planes = method.total_steps(config) // max(config.evolution_every, 1) + 2
+        check_free_space(evolution_targets[0].parent, 2 * planes * sum(image.size for image in images),
+                         "--evolution")
 
     evolution: list[list[np.ndarray]] = []
 
@@ -480,7 +592,6 @@ def _train(args, ranks, device) -> int:
         if event.masks is not None and ranks.main:
             evolution.append(event.masks)
 
-    config = config.validate()
     progress = _Progress(method.total_steps(config), args.quiet or not ranks.main, "training")
     try:
         training = method.start(images, layers, config=config, n_classes=args.classes, seed=args.seed,
@@ -503,29 +614,9 @@ def _train(args, ranks, device) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-
-    from .methods import predict
-
-    model = load_model(args.model)
-    predict_function = get_method(model.method).predict
-    spacing_option(args.spacing, model.method, predict_function)  # a bad --spacing is refused before any image is read
-    options = {}
-    if args.prior_strength is not None:
-        # Only methods whose predict takes a prior strength (refineseg's) accept the flag.
-        if "prior_strength" not in inspect.signature(get_method(model.method).predict).parameters:
-            raise InputError(f"--prior-strength is not an option of {model.method} models ({args.model}); "
-                             "leave it out")
-        if not args.prior_strength >= 0:
-            raise InputError(f"--prior-strength must be >= 0, got {args.prior_strength}")
-        options["prior_strength"] = args.prior_strength
-    from .zarr_predict import predict_zarr_command, zarr_requested
-
-    if zarr_requested(args):
-        return predict_zarr_command(args, {**options, **spacing_option(args.spacing, model.method, predict_function)})
-    if args.probabilities is True:
-        raise InputError("--probabilities needs a file name (PROB.tif) for TIFF and NIfTI images")
-    image_files = resolve_inputs(args.image)
+def _prediction_targets(args, image_files: list[Path]) -> tuple[list[Path], dict[str, Path]]:
+    """The label files a TIFF/NIfTI prediction writes (one per image) and the extra maps asked for, checked before
+    anything is read: names a format can take, folders that exist and can be written to."""
     out = Path(args.out)
     if len(image_files) > 1 or Path(args.image).is_dir():
         if not out.is_dir():
@@ -536,9 +627,48 @@ def cmd_predict(args) -> int:
     elif out.is_dir():
         targets = [out / image_files[0].name]
     else:
-        targets = [_output_path(out)]
-    extras = [Path(p) for p in (args.probabilities, args.reliability) if p]  # single image only (checked above)
-    check_outputs([*zip(targets, image_files, strict=True), *((extra, image_files[0]) for extra in extras)])
+        targets = [check_suffix(out, LABEL_SUFFIXES, "--out", "a prediction")]
+    extras = {option: check_suffix(path, LABEL_SUFFIXES, option, "a map")
+              for option, path in (("--probabilities", args.probabilities), ("--reliability", args.reliability))
+              if path}
+    for option, path in [*(("--out", target) for target in targets[:1]), *extras.items()]:
+        check_output_folder(path, option)
+    check_outputs([*zip(targets, image_files, strict=True), *((extra, image_files[0]) for extra in extras.values())])
+    return targets, extras
+
+
+def cmd_predict(args) -> int:
+    from .methods import predict
+    from .model_io import resolve_model_path
+
+    model_path = resolve_model_path(args.model)
+    from .zarr_predict import check_zarr_arguments, predict_zarr_command, zarr_requested
+
+    zarr = zarr_requested(args)
+    if zarr:
+        check_zarr_arguments(args)  # reads no model and no store
+    else:
+        if args.probabilities is True:
+            raise InputError("--probabilities needs a file name (PROB.tif) for TIFF and NIfTI images")
+        image_files = resolve_inputs(args.image)
+        targets, extras = _prediction_targets(args, image_files)
+        check_paths([("MODEL", model_path), *(("IMAGE", file) for file in image_files)],
+                    [*(("--out", target) for target in targets), *extras.items()])
+    model = load_model(model_path)
+    predict_function = get_method(model.method).predict
+    spacing_option(args.spacing, model.method, predict_function)  # a bad --spacing is refused before any image is read
+    options = {}
+    if args.prior_strength is not None:
+        # Only methods whose predict takes a prior strength (refineseg's) accept the flag.
+        if "prior_strength" not in inspect.signature(predict_function).parameters:
+            raise InputError(f"--prior-strength is not an option of {model.method} models ({args.model}); "
+                             "leave it out")
+        options["prior_strength"] = args.prior_strength
+    if args.reliability and not len(model.heads):
+        raise InputError(f"--reliability: {args.model} (a {model.method} model) has no transition heads, so no "
+                         "reliability map; leave --reliability out")
+    if zarr:
+        return predict_zarr_command(args, {**options, **spacing_option(args.spacing, model.method, predict_function)})
     from tqdm.auto import tqdm
 
     # All outputs appear together at the end, or none if any image fails.
@@ -552,22 +682,23 @@ def cmd_predict(args) -> int:
                        for key, value in spacing_option(args.spacing, model.method, predict_function, [grid],
                                                         [file]).items()}
             prediction = predict(model, image, device=args.device, name=file.name,
-                                 keep_probabilities=bool(args.probabilities), flips=args.flips,
+                                 keep_probabilities="--probabilities" in extras, flips=args.flips,
                                  channel_axis=args.channel_axis, **options, **spacing)
             stage(staged, target, prediction.labels, grid)
             # Probabilities have the classes first: in a NIfTI, on the fourth axis.
-            if args.probabilities:
-                stage(staged, _output_path(args.probabilities), prediction.probabilities.astype(np.float32), grid)
-            if args.reliability and prediction.reliability is not None:
-                stage(staged, _output_path(args.reliability), prediction.reliability.astype(np.float32), grid)
+            if "--probabilities" in extras:
+                stage(staged, extras["--probabilities"], prediction.probabilities.astype(np.float32), grid)
+            if "--reliability" in extras:
+                stage(staged, extras["--reliability"], prediction.reliability.astype(np.float32), grid)
     print(f"wrote {len(targets)} prediction{'s' if len(targets) > 1 else ''} to "
-          f"{targets[0] if len(targets) == 1 else out}")
+          f"{targets[0] if len(targets) == 1 else args.out}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    check_output_folder(args.out_dir, "--out-dir", create=True)  # before two minutes of training, not after
     result = run_demo(args.out_dir, steps=args.steps, device=args.device, quiet=args.quiet)
     print(f"Dice on the held-out right half: {result['dice']:.3f}; outputs in {result['out_dir']}")
     return 0
@@ -577,13 +708,16 @@ def cmd_export(args) -> int:
     from .bioimageio_export import EXPORT_FORMATS, check_dependencies, check_output, export_bioimageio
     from .model_io import resolve_model_path
 
-    # Refused before any file is read or written: the format, the output, the model's name.
+    # Refused before any file is read or written: the format, the output, the model's name and card.
     if args.format not in EXPORT_FORMATS:
         raise InputError(f"--format {args.format!r} is not a package format this napari-coarseseg writes; use "
                          f"{' or '.join(EXPORT_FORMATS)}")
-    check_dependencies()
     check_output(args.out)
     model = resolve_model_path(args.model)
+    check_paths([("MODEL", model), *((("--sample", Path(args.sample)),) if args.sample else ())],
+                [("--out", Path(args.out))])
+    load_model(model, device="cpu")  # its card checked in a moment, before bioimage.io's libraries load (seconds)
+    check_dependencies()
     sample = read_image(args.sample, args.channel_axis)[0] if args.sample else None
     report = export_bioimageio(model, args.out, sample=sample, channel_axis=args.channel_axis,
                                authors=args.author or None, license=args.license, name=args.name, tags=args.tag)
@@ -599,7 +733,7 @@ COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     start = time.perf_counter()
     try:
         status = COMMANDS[args.command](args)

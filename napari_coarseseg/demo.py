@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import simulate
-from .io import write_all
+from .io import StagedWrites, made_folder
 from .methods import predict
 from .methods.refineseg import train_refineseg
 from .metrics import dice  # re-exported: the benchmarks import dice from here
-from .model_io import atomic_write, save_model
+from .model_io import save_model
 from .samples import load_dsb_nuclei
 from .training import load_preset, run_to_end
 
@@ -73,7 +73,6 @@ def run_demo(out_dir="coarseseg-demo", steps: int | None = None, device="auto", 
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image, expert = load_dsb_nuclei()
     drawings = simulate(expert, instances=True, seed=seed)
     half = image.shape[1] // 2
@@ -82,7 +81,7 @@ def run_demo(out_dir="coarseseg-demo", steps: int | None = None, device="auto", 
 
     config = load_preset("refineseg")
     if steps is not None:
-        config = config.replace(steps=steps)
+        config = config.replace(steps=steps).validate()
     evolution = []
     bar = tqdm(total=config.steps, desc="training", unit="step", disable=quiet or None)
 
@@ -105,14 +104,6 @@ def run_demo(out_dir="coarseseg-demo", steps: int | None = None, device="auto", 
                          np.where(np.arange(image.shape[1]) < half, drawings.negative, 0),
                          prediction.labels, expert, split_column=half)
 
-    write_all({
-        out_dir / "positive.tif": drawings.positive[train],
-        out_dir / "negative.tif": drawings.negative[train],
-        out_dir / "prediction.tif": prediction.labels,
-        out_dir / "evolution.tif": np.stack(evolution),
-    })
-    save_model(model, out_dir / "model.safetensors")
-    atomic_write(out_dir / "figure.png", lambda tmp: iio.imwrite(tmp, figure, extension=".png"))
     summary = {
         "dice_right_half": round(score, 4),
         "training_seconds": model.card["training"]["seconds"],
@@ -120,5 +111,13 @@ def run_demo(out_dir="coarseseg-demo", steps: int | None = None, device="auto", 
         "device": model.card["training"]["device"],
         "evolution_planes": len(evolution),
     }
-    atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    # The folder is made now, not before two minutes of training; every output appears, or none and no folder.
+    with made_folder(out_dir), StagedWrites() as staged:
+        for name, array in {"positive.tif": drawings.positive[train], "negative.tif": drawings.negative[train],
+                            "prediction.tif": prediction.labels, "evolution.tif": np.stack(evolution)}.items():
+            staged.add(out_dir / name, array)
+        staged.add(out_dir / "model.safetensors", write=lambda tmp: save_model(model, tmp))
+        staged.add(out_dir / "figure.png", write=lambda tmp: iio.imwrite(tmp, figure, extension=".png"))
+        staged.add(out_dir / "summary.json",
+                   write=lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     return {"dice": score, "out_dir": str(out_dir), **summary}

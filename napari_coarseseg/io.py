@@ -12,11 +12,12 @@ run never leaves a half-written file.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 
-from .model_io import atomic_write, publish
+from .model_io import atomic_write, out_of_room, publish, temporary_beside
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Read by :func:`napari_coarseseg.nifti.read_nifti`. ``.nii.gz`` is a double suffix: Path.suffix says ".gz".
@@ -27,6 +28,113 @@ class InputError(ValueError):
     """A file or folder given on the command line cannot be used."""
 
 
+#: What a label-map output may be named: the formats :class:`StagedWrites` writes (TIFF, NIfTI on a NIfTI's grid).
+LABEL_SUFFIXES = (*TIFF_SUFFIXES, *NIFTI_SUFFIXES)
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name one file: the same path once symlinks, ``.`` and ``..`` are resolved, or (both
+    existing) the same file on disk under two names (a hard link).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "a.tif").write_bytes(b"")
+    0
+    >>> same_file(folder / "a.tif", folder / "sub" / ".." / "a.tif"), same_file(folder / "a.tif", folder / "b.tif")
+    (True, False)
+    """
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): then only the names can agree
+        return False
+
+
+def _identities(path: Path) -> list:
+    """What names ``path``'s file: its resolved path, and (when it exists) its device and inode (a hard link)."""
+    identities = [path.resolve()]
+    try:
+        status = path.stat()
+        identities.append((status.st_dev, status.st_ino))
+    except OSError:  # not there (yet): only the names can agree
+        pass
+    return identities
+
+
+def check_paths(inputs, outputs) -> None:
+    """Refuse, before anything is read or written, an output that would overwrite an input or another output.
+
+    ``inputs`` and ``outputs`` are ``(what, path)`` pairs, ``what`` naming the
+    argument in the message (``"--out"``, ``"IMAGE"``). Outputs are the files a
+    command will write (a folder output stands for the files it will hold), so
+    an output folder holding an input of the same name is caught too. Paths are
+    compared as :func:`same_file` does, through one lookup each (a folder of
+    thousands of images is checked in milliseconds).
+    """
+    seen = {}  # identity -> (what, path, is an input)
+    for what, path in inputs:
+        for identity in _identities(Path(path)):
+            seen.setdefault(identity, (what, Path(path), True))
+    for what, path in outputs:
+        path = Path(path)
+        identities = _identities(path)
+        for identity in identities:
+            if identity not in seen:
+                continue
+            other_what, other, is_input = seen[identity]
+            if is_input:
+                named = "" if other == path else f" ({str(other)!r})"
+                raise InputError(f"{what} {str(path)!r} is the input {other_what}{named}: writing it would destroy "
+                                 f"that input; give {what} another name")
+            raise InputError(f"{other_what} and {what} name the same file {str(path)!r}: one would overwrite the "
+                             "other; give each its own name")
+        for identity in identities:
+            seen[identity] = (what, path, False)
+
+
+def check_suffix(path, suffixes, what: str, writes: str) -> Path:
+    """``path`` when its name ends in one of ``suffixes`` (any case); else one line saying what ``what`` writes."""
+    path = Path(path)
+    if not path.name.lower().endswith(tuple(suffixes)):
+        raise InputError(f"{what} {str(path)!r}: {writes} is written as {', '.join(suffixes)}; name it so "
+                         f"(e.g. {path.name.split('.')[0] or 'out'}{suffixes[0]})")
+    return path
+
+
+def check_readable(path, what: str) -> Path:
+    """``path`` when this process may read it (a folder: list and enter it); one line saying so otherwise."""
+    path = Path(path)
+    mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if path.exists() and not os.access(path, mode):
+        raise InputError(f"cannot read {what} {str(path)!r}: permission denied; give your user read access "
+                         f"(chmod {'-R u+rX' if path.is_dir() else 'u+r'} {str(path)!r}) or copy it somewhere you can")
+    return path
+
+
+def check_output_folder(path, what: str, create: bool = False) -> Path:
+    """The folder an output ``path`` goes into, checked before any work: it exists and this process may write
+    there. With ``create`` the folder may be missing (it is made when the outputs are written); its nearest
+    existing parent must then be writable, and ``path`` itself must not be a file."""
+    path = Path(path)
+    folder = path if create else path.parent
+    if create and folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {str(folder)!r} is a file, not a folder; give a folder name (it is created if "
+                         "missing)")
+    existing = folder
+    while not existing.exists():
+        if not create:
+            raise InputError(f"output folder {str(folder)!r} of {what} does not exist; create it first")
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {str(existing)!r} ({what}): permission denied; choose a folder you can "
+                         "write to")
+    return folder
+
+
 def is_nifti(path) -> bool:
     """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
@@ -34,7 +142,7 @@ def is_nifti(path) -> bool:
 
 def folder_images(folder) -> list[Path]:
     """TIFF and NIfTI files of ``folder``, sorted by name."""
-    folder = Path(folder)
+    folder = check_readable(folder, "folder")
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and (p.suffix.lower() in TIFF_SUFFIXES or is_nifti(p)))
     if not files:
@@ -49,6 +157,7 @@ def read_tiff(path) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise InputError(f"file {str(path)!r} does not exist")
+    check_readable(path, "file")
     try:
         return np.asarray(tifffile.imread(path))
     except Exception as error:  # tifffile raises many types for bad files
@@ -131,20 +240,22 @@ class StagedWrites:
         ``write`` is e.g. :func:`napari_coarseseg.nifti.nifti_writer`'s result,
         for a NIfTI output.
         """
-        import tempfile
-
         path = Path(path)
-        if not path.parent.is_dir():
-            raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
-        if path.is_dir():
-            raise InputError(f"output {str(path)!r} is a folder; give a file name")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        self.staged.append((tmp, path))
-        if write is None:
-            _imwrite(tmp, array)
-        else:
-            write(tmp)
+        try:
+            tmp = temporary_beside(path)
+        except OSError as error:
+            raise InputError(str(error)) from None
+        self.staged.append((tmp, path))  # removed on leaving the block with an error
+        try:
+            if write is None:
+                _imwrite(tmp, array)
+            else:
+                write(tmp)
+        except OSError as error:
+            full = out_of_room(error, path)
+            if full is not None:
+                raise full from None
+            raise
 
     @property
     def paths(self) -> list[Path]:
@@ -163,9 +274,33 @@ class StagedWrites:
         return False
 
 
-def write_all(outputs: dict) -> list[Path]:
-    """Write ``{path: array}`` so that either all files appear or none does."""
-    with StagedWrites() as staged:
-        for path, array in outputs.items():
-            staged.add(path, array)
-    return staged.paths
+@contextmanager
+def made_folder(folder: Path):
+    """Make ``folder`` (and missing parents) for the outputs written in the block; remove what was made here if
+    the block fails, so that a failed command leaves no empty folder behind.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "a" / "b"
+    >>> try:
+    ...     with made_folder(folder):
+    ...         raise OSError("disk full")
+    ... except OSError:
+    ...     pass
+    >>> folder.parent.exists()
+    False
+    """
+    missing = []
+    parent = folder
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for made in missing:  # innermost first; rmdir leaves a folder someone else filled meanwhile
+            with suppress(OSError):
+                made.rmdir()
+        raise

@@ -39,6 +39,23 @@ __all__ = [
 #: The networks a refineseg run can train (``TrainingConfig.network``), as model cards name them.
 NETWORKS = ("unet", "unet3d")
 
+#: The largest refineseg prior strength (``TrainingConfig.prior_strength``, ``--prior-strength``, a card's
+#: ``prior.strength``): the exponent tau of the class-prior correction. The automatic rule picks at most 3
+#: (``refineseg.STRENGTH_MAX``); beyond about 10 the correction only flips the pixels near p = 0.5, and the
+#: prior ratio ** tau overflows float probabilities toward NaN or 0. Here, not in the method, so that the
+#: configuration checks it without importing the methods; :mod:`~napari_coarseseg.methods.refineseg` exports it.
+PRIOR_STRENGTH_MAX = 10.0
+
+# The network's sizes a run may ask for; a model file beyond them is refused as damaged (model_io's card checks).
+#: Neighbouring slices on either side (the input is 2k + 1 slices): 32 means 65 slices, far beyond the few that
+#: carry information across anisotropic sections (the presets use 0-2).
+MAX_SLICE_CONTEXT = 32
+#: U-Net width of the first level: 16 is the default, 32 the paper's preset, and 256 already means about
+#: 100 M parameters at depth 4 (each level doubles the width).
+MAX_BASE_CHANNELS = 256
+#: Down-sampling steps: 4 is the default; 2**8 = 256 px of down-sampling is beyond any patch the package trains on.
+MAX_DEPTH = 8
+
 
 @dataclass
 class TrainingConfig:
@@ -196,8 +213,16 @@ class TrainingConfig:
                 f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
             )
         if self.prior_strength != "auto" and not (isinstance(self.prior_strength, (int, float))
-                                                  and self.prior_strength >= 0):
-            raise ValueError(f"prior_strength must be 'auto' or a number >= 0, got {self.prior_strength!r}")
+                                                  and not isinstance(self.prior_strength, bool)
+                                                  and 0 <= self.prior_strength <= PRIOR_STRENGTH_MAX):
+            raise ValueError(f"prior_strength must be 'auto' or a number from 0 to {PRIOR_STRENGTH_MAX:g} (the "
+                             f"exponent of the class-prior correction; 1 is Bayes' rule), got {self.prior_strength!r}")
+        # A model is refused on loading beyond these sizes: refuse the run rather than train it.
+        for name, top in (("base_channels", MAX_BASE_CHANNELS), ("depth", MAX_DEPTH),
+                          ("slice_context", MAX_SLICE_CONTEXT)):
+            if isinstance(getattr(self, name), int) and getattr(self, name) > top:
+                raise ValueError(f"{name} must be at most {top} (a model file beyond it is refused as damaged), "
+                                 f"got {getattr(self, name)}")
         if not (self.smoothness_weight >= 0 and self.smoothness_sigma > 0 and self.smoothness_blur >= 0):
             raise ValueError(f"smoothness_weight and smoothness_blur must be >= 0 and smoothness_sigma > 0, got "
                              f"{self.smoothness_weight}, {self.smoothness_blur} and {self.smoothness_sigma}")
@@ -286,10 +311,24 @@ def load_preset(name: str) -> TrainingConfig:
         path = models_dir() / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
-    settings = json.loads(path.read_text())
+    # A preset file is the user's: each way it can be wrong says so in one line naming it.
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"preset {str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}, column "
+                         f"{error.colno}); fix it, or name a shipped preset: {', '.join(list_presets())}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read preset {str(path)!r} ({error}); name a shipped preset: "
+                         f"{', '.join(list_presets())}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"preset {str(path)!r} must hold a JSON object of settings ({{\"steps\": 300, ...}}), not "
+                         f"a {type(settings).__name__}")
     settings.pop("description", None)
     settings.pop("method", None)
-    return TrainingConfig().replace(**settings).validate()
+    try:
+        return TrainingConfig().replace(**settings).validate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"preset {str(path)!r}: {error}") from None
 
 
 def resolve_config(config: TrainingConfig | str | None, preset: str, overrides: dict) -> TrainingConfig:

@@ -30,8 +30,12 @@
   elsewhere. ``--resume`` skips the chunks whose done flag is set, after
   checking that the store was written for the same model, input and options.
 - **Errors** in what the user gave (not a zarr, no array, wrong channels,
-  ``--out`` already there, an unreachable scheduler) are refused before
-  anything is written. A run that fails midway keeps its finished chunks.
+  no scheduler address, an unreachable scheduler, ``--out`` already there,
+  or not named ``.zarr``, or the input, in it or holding it, ``--resume``
+  with no store, an input that cannot be read, an output folder that
+  cannot be written to) are refused before anything is written, in one
+  line. A run that fails midway keeps its finished chunks; one that
+  finished none removes the store it made.
 
 ``zarr`` is needed for zarr inputs, ``distributed`` for ``--scheduler`` and
 ``--workers``: ``pip install "napari-coarseseg[cluster]"``.
@@ -39,11 +43,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import ipaddress
 import json
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -67,17 +75,16 @@ from .blockwise import (
     normalisation_steps,
     normalised_per,
     predict_block,
-    run_here,
     whole_planes,
 )
 from .inference import TILE_SIZE, check_image_for_model
 from .io import InputError
 from .methods import get_method, load_model
 from .methods._planes import plane_rule
-from .model_io import Model, resolve_model_path
+from .model_io import Model, ModelFileError, resolve_model_path
 
-__all__ = ["predict_zarr", "predict_zarr_command", "is_zarr", "zarr_requested", "open_input", "ZarrInput",
-           "RunError", "predict_chunk"]
+__all__ = ["predict_zarr", "predict_zarr_command", "check_zarr_arguments", "parse_scheduler", "is_zarr",
+           "zarr_requested", "open_input", "ZarrInput", "RunError", "predict_chunk"]
 
 #: Seconds to wait for a dask scheduler to answer, and for a first worker to join it.
 CONNECT_TIMEOUT = 10.0
@@ -92,14 +99,108 @@ class RunError(ValueError):
 def is_zarr(path) -> bool:
     """Whether ``path`` names a zarr store: a ``.zarr`` name, or a folder holding zarr metadata."""
     path = Path(path)
-    return path.name.lower().endswith(".zarr") or (
-        path.is_dir() and any((path / marker).is_file() for marker in _ZARR_MARKERS))
+    if path.name.lower().endswith(".zarr"):
+        return True
+    try:
+        return path.is_dir() and any((path / marker).is_file() for marker in _ZARR_MARKERS)
+    except PermissionError:  # a folder this user cannot look into: unknown (zarr_requested reports it)
+        return False
 
 
 def zarr_requested(args) -> bool:
-    """Whether ``coarseseg predict``'s arguments ask for this module: a zarr input or output, or a cluster."""
+    """Whether ``coarseseg predict``'s arguments ask for this module: a zarr input or output, or a cluster.
+
+    An input folder this user cannot read counts too: whatever it holds, :func:`predict_zarr_command` then says
+    what to fix in one line.
+    """
     return bool(is_zarr(args.image) or is_zarr(args.out) or args.scheduler or args.workers is not None
-                or args.resume or args.chunks)
+                or args.resume or args.chunks or (os.path.isdir(args.image) and not _readable(args.image)))
+
+
+def _readable(path) -> bool:
+    """Whether this user can read ``path`` (a folder: list and enter it), asked before anything is opened (where
+    the store is opened, a PermissionError is caught too); True for a path that does not exist, which the input
+    checks refuse on their own."""
+    try:
+        if not os.path.lexists(path):
+            return True
+    except OSError:
+        return False
+    return os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
+
+
+def _cannot_read(name: str) -> InputError:
+    return InputError(f"cannot read {name}: permission denied; give your user read access (chmod -R u+rX {name}) "
+                      "or copy it")
+
+
+def _store_root(path: Path) -> Path:
+    """The outermost folder of the zarr hierarchy holding ``path`` (``IN.zarr`` for ``IN.zarr/raw``), resolved."""
+    root = path.resolve()
+    for parent in root.parents:
+        try:
+            if not any((parent / marker).is_file() for marker in _ZARR_MARKERS):
+                break
+        except OSError:
+            break
+        root = parent
+    return root
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it: resolved paths compared, and where a folder on the way
+    exists, ``os.path.samefile`` (a bind mount or another spelling of the same folder)."""
+    inner, outer = inner.resolve(), outer.resolve()
+    if inner == outer or outer in inner.parents:
+        return True
+    for candidate in (inner, *inner.parents):
+        try:
+            if candidate.exists() and outer.exists() and os.path.samefile(candidate, outer):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _check_paths(model, image, out: str, resume: bool) -> None:
+    """Refuse, before the model or the input is opened and before anything is written: an unreadable input, an
+    ``out`` that is the input, lies in it or holds it, or is the model file, an ``out`` not named ``.zarr``, an
+    ``out`` there without ``resume`` or missing with it, an output folder this user cannot write to."""
+    name = str(image)
+    if not _readable(image) or not _readable(_store_root(Path(image))):
+        raise _cannot_read(name)
+    target = Path(out)
+    if _within(target, _store_root(Path(image))):
+        raise InputError(f"--out {out} is the input {name} (or inside it): it would be overwritten; give another "
+                         "--out")
+    if _within(Path(image), target):
+        raise InputError(f"--out {out} holds the input {name}: it would be overwritten; give another --out")
+    if not isinstance(model, Model):
+        try:
+            model_file = resolve_model_path(model)
+        except (ModelFileError, OSError):  # loading the model says what is wrong with it
+            model_file = None
+        if model_file is not None and _within(model_file, target):
+            raise InputError(f"--out {out} is the model file {model} (or holds it): it would be overwritten; give "
+                             "another --out")
+    if not target.name.lower().endswith(".zarr"):
+        raise InputError(f"--out {out}: a zarr input is predicted into a zarr store: name --out OUT.zarr")
+    exists = os.path.lexists(target)
+    if exists and not resume:
+        raise InputError(f"{out} exists; give another --out, or --resume to finish it")
+    if resume and not exists:
+        raise InputError(f"--resume: there is no {out} to finish; run without --resume to start it")
+    if resume:
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write into {out}: permission denied; give your user write access (chmod -R u+rwX "
+                             f"{out}) or predict into another --out")
+        return
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise InputError(f"output folder {str(target.parent)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out}: its folder {str(target.parent)!r} is not writable by your user; give "
+                         "an --out in a folder you can write to")
 
 
 def _import_zarr():
@@ -210,10 +311,14 @@ def _ome_image(group) -> dict | None:
 
 def _locate_array(zarr, path: str, name: str):
     """(array, path of the store, path of the array in it, OME level-0 description or None)."""
-    if not Path(path).exists():
-        raise InputError(f"{name} does not exist")
     try:
+        if not Path(path).exists():
+            raise InputError(f"{name} does not exist")
         node = zarr.open(path, mode="r")
+    except PermissionError:  # a folder or metadata file of the store this user may not read
+        raise _cannot_read(name) from None
+    except InputError:
+        raise
     except Exception as error:  # zarr raises several kinds for a folder that is no store
         raise InputError(f"{name} is not a zarr store ({type(error).__name__}: {error})") from None
     if isinstance(node, zarr.Array):
@@ -283,7 +388,10 @@ def open_input(path, model: Model, channel_axis: int | None = None) -> ZarrInput
     """
     zarr = _import_zarr()
     name = str(path)
-    array, store, inside, image = _locate_array(zarr, str(path), name)
+    try:
+        array, store, inside, image = _locate_array(zarr, str(path), name)
+    except PermissionError:  # the metadata of the image's array, read after the store's
+        raise _cannot_read(name) from None
     roles = _roles(array, image, model, channel_axis, name)
     # An absolute path: workers started elsewhere have another working folder.
     source = ZarrInput(str(Path(store).resolve()), inside, tuple(roles), tuple(int(s) for s in array.shape),
@@ -327,6 +435,10 @@ class ZarrOutput(_OpenedInEachProcess):
     probabilities: bool
 
     def _open(self) -> dict:
+        # A run that fails before any chunk is finished removes the store it created; a task of that run still
+        # going on a worker of a scheduler (cancelling does not stop it) must not write parts of it back.
+        if not any(os.path.isfile(os.path.join(self.path, marker)) for marker in _ZARR_MARKERS):
+            raise RunError(f"the output store {self.path} is gone")
         if self._opened is None:
             group = _import_zarr().open_group(self.path, mode="r+")
             self._opened = {"labels": group["0"], "done": group["done"],
@@ -494,15 +606,92 @@ def predict_chunk(job: Job, index) -> dict:
 
 # --------------------------------------------------------------------------- cluster
 
+#: A host name (labels of letters, digits, ``-``, ``_``, dot-separated); IP addresses are checked by ipaddress.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise InputError('--scheduler and --workers need dask.distributed: pip install '
+                         '"napari-coarseseg[cluster]"') from None
+    return distributed
+
+
+def parse_scheduler(text: str) -> str:
+    """A dask scheduler's address, checked before anything is opened: ``SCHEME://HOST:PORT`` with a scheme
+    dask.distributed has a transport for (``tcp``, ``tls``, ``ws``, ``wss``, ``ucx`` where distributed-ucxx is
+    installed, an ``inproc`` address of this process), or ``HOST:PORT`` (tcp); a port in 1..65535.
+
+    Returns
+    -------
+    str
+        The address with its scheme.
+
+    Raises
+    ------
+    InputError
+        In one line, for anything else.
+
+    Examples
+    --------
+    >>> parse_scheduler("tcp://10.0.0.5:8786"), parse_scheduler("localhost:8786"), parse_scheduler("tls://[::1]:1")
+    ('tcp://10.0.0.5:8786', 'tcp://localhost:8786', 'tls://[::1]:1')
+    >>> parse_scheduler("not a url")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    napari_coarseseg.io.InputError: --scheduler 'not a url' is not a dask scheduler address; give tcp://HOST:PORT ...
+    """
+    _import_distributed()
+    from distributed.comm.addressing import parse_address, parse_host_port, unparse_address
+    from distributed.comm.registry import get_backend
+
+    dashboard = "; an http:// address is its dashboard's" if text.lower().startswith(("http:", "https:")) else ""
+    refused = InputError(f"--scheduler {text!r} is not a dask scheduler address; give tcp://HOST:PORT (what `dask "
+                         f"scheduler` prints){dashboard}")
+    try:
+        scheme, location = parse_address(text)  # HOST:PORT gets dask's default scheme, tcp
+        backend = get_backend(scheme)  # a ValueError for a scheme no installed transport handles
+        if scheme == "inproc":  # IP/PID/N of a scheduler in this very process
+            backend.get_address_host(location)
+            return text
+        if not location.rpartition(":")[2].isdecimal():  # int() also takes " 80", "+80", "8_0"
+            raise ValueError(location)
+        host, port = parse_host_port(location)
+    except (TypeError, ValueError):
+        raise refused from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not (len(host) <= 253 and _HOST_NAME.fullmatch(host)):
+            raise refused from None
+    if not 1 <= port <= 65535:
+        raise refused
+    if type(backend).__module__ == "distributed.comm.ucx":  # the placeholder left where the transport was removed
+        raise InputError(f"--scheduler {text}: dask.distributed's ucx transport is now the distributed-ucxx package; "
+                         "install it (pip install distributed-ucxx-cu12) or give a tcp:// address")
+    return unparse_address(scheme, location)
+
+
+def _discard(client) -> None:
+    """Close a client whose start failed, now. ``Client.__init__`` closes it itself only after an OSError (a
+    timeout included): after any other failure (a ValueError from an address, the TypeError of the removed ucx
+    transport) its event loop thread runs on, unreferenced. The garbage collector then closes it at interpreter
+    exit, where ``Client.__del__`` waits twice the connect timeout for that thread, frozen by then (a 20 s hang,
+    then a ``TimeoutError`` traceback), or while the next client starts its loop, which deadlocks."""
+    with contextlib.suppress(Exception):
+        client.close(timeout=2)
+    with contextlib.suppress(Exception):
+        client._loop_runner.stop()
+    client.status = "closed"  # nothing left for Client.__del__ to do
+
 
 def open_cluster(scheduler: str | None, workers: int | None):
     """``(client, threads, close)``: a client of the scheduler at ``scheduler``, or of a new local cluster of
     ``workers`` processes with one thread each; ``threads`` for :class:`Job`; ``close()`` ends what was started."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise InputError('--scheduler and --workers need dask.distributed: pip install '
-                         '"napari-coarseseg[cluster]"') from None
+    _import_distributed()
+    from distributed import Client, LocalCluster
+
     if scheduler is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.ERROR)
@@ -514,18 +703,28 @@ def open_cluster(scheduler: str | None, workers: int | None):
             cluster.close()
 
         return client, max(1, cores // workers), close
+    scheduler = parse_scheduler(scheduler)
     quiet = logging.getLogger("distributed")
     level, quiet.level = quiet.level, logging.CRITICAL  # its connection retries are not the user's business
+    # Made before it starts, so that a client whose start fails is still at hand to close (see _discard).
+    client = Client.__new__(Client)
     try:
-        client = Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as error:
-        raise InputError(f"cannot reach the dask scheduler at {scheduler} ({type(error).__name__}: {error})") from None
+        client.__init__(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except BaseException as error:
+        _discard(client)
+        if not isinstance(error, Exception):  # Ctrl-C
+            raise
+        detail = " ".join(str(error).split())  # one line, whatever the transport's message
+        raise InputError(f"cannot reach the dask scheduler at {scheduler} ({type(error).__name__}: {detail}); "
+                         "check the address and that the scheduler runs") from None
     finally:
         quiet.level = level
     try:
         client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
-    except (OSError, TimeoutError):
-        client.close()
+    except BaseException as error:
+        _discard(client)  # also on Ctrl-C: a client left open hangs the interpreter's exit
+        if not isinstance(error, (OSError, TimeoutError)):
+            raise
         raise InputError(f"no dask worker joined the scheduler at {scheduler} within {WORKER_TIMEOUT:.0f} s; "
                          "start some (dask worker ADDRESS --nthreads 1)") from None
     per_host: dict[str, int] = {}
@@ -551,12 +750,28 @@ def cluster_runner(client):
                 except (AnnotationError, InputError):
                     raise
                 except Exception as error:
-                    raise RunError(f"block {item_of[future.key]} failed ({type(error).__name__}: {error}); the "
-                                   "chunks finished so far are kept: run the same command with --resume") from None
+                    raise _failed(item_of[future.key], error) from None
         finally:
             client.cancel([future for future in futures if not future.done()])
 
     return run
+
+
+def _failed(item, error: BaseException) -> RunError:
+    """A task's failure in one line (what is kept, :func:`predict_zarr` adds)."""
+    return RunError(f"block {item} failed ({type(error).__name__}: {' '.join(str(error).split())})")
+
+
+def _local_runner(function, items):
+    """:func:`~napari_coarseseg.blockwise.run_here`, a failing item reported as :func:`cluster_runner` reports it."""
+    for item in items:
+        try:
+            result = function(item)
+        except (AnnotationError, InputError, MemoryError):
+            raise
+        except Exception as error:
+            raise _failed(item, error) from error
+        yield result
 
 
 # --------------------------------------------------------------------------- the run
@@ -632,8 +847,10 @@ def _summary(out: str, plan: BlockPlan, reports: list, skipped: int, seconds: fl
             "predicted": len(reports), "skipped": skipped, "seconds": round(seconds, 3), "workers": workers}
 
 
-def _run(job: Job, out: str, record: dict, stored: dict | None, runner, name: str, quiet: bool) -> dict:
-    """The statistics (unless resumed), the output store (unless resumed), the missing chunks, the record."""
+def _run(job: Job, out: str, record: dict, stored: dict | None, runner, name: str, quiet: bool,
+         created: list) -> dict:
+    """The statistics (unless resumed), the output store (unless resumed; then ``out`` is added to ``created``),
+    the missing chunks, the record."""
     start = time.perf_counter()
     plan, source, output = job.plan, job.source, job.output
     low, high = record["normalisation_percentiles"]
@@ -647,6 +864,9 @@ def _run(job: Job, out: str, record: dict, stored: dict | None, runner, name: st
                                _bar(steps, "statistics", quiet))
     if stored is None:
         record["normalisation"] = normalisation.to_record()
+        if os.path.lexists(out):  # made by someone else meanwhile: neither this run's to fill nor to remove
+            raise InputError(f"{out} exists; give another --out, or --resume to finish it")
+        created.append(out)  # from here on, a failure removes what this run wrote unless chunks were finished
         create_output(out, source, plan, record["n_labels"], record["labels_dtype"], record,
                       job.settings.keep_probabilities)
     job = replace(job, normalisation=normalisation)
@@ -715,15 +935,21 @@ def predict_zarr(model, image, out, *, scheduler: str | None = None, workers: in
     InputError, AnnotationError, ModelFileError
         Before anything is written, for what the user gave.
     RunError
-        When a chunk fails on a worker; the chunks finished are kept.
+        When a chunk fails (on a worker or here): the chunks finished are
+        kept; a store this run made and finished no chunk of is removed.
     """
-    cluster = bool(scheduler) or workers is not None
-    if scheduler and workers is not None:
+    # What the user gave is refused before the model or the input is opened, and before anything is written.
+    if scheduler is not None:
+        scheduler = parse_scheduler(scheduler)
+    cluster = scheduler is not None or workers is not None
+    if scheduler is not None and workers is not None:
         raise InputError("give --scheduler or --workers, not both")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     if not 0 <= overlap < tile_size:
         raise ValueError(f"overlap must be in [0, tile_size), got {overlap} with tile_size {tile_size}")
+    out = str(out)
+    _check_paths(model, image, out, resume)
     model, ref, digest = _resolve_model(model, cluster)
     source = open_input(image, model, channel_axis)
     options = _method_options(model, dict(options), source)
@@ -733,21 +959,42 @@ def predict_zarr(model, image, out, *, scheduler: str | None = None, workers: in
     check_block(plan, model, rule)
     settings = Settings(str(device), tile_size, overlap, batch_size, flips, probabilities)
     record = _record(model, ref, digest, image, source, plan, settings, options)
-    out = str(out)
-    stored = None
-    if Path(out).exists():
-        if not resume:
-            raise InputError(f"{out} exists; give another --out, or --resume to finish it")
-        stored = _resume_record(out, record)
-    elif not Path(out).resolve().parent.is_dir():
-        raise InputError(f"output folder {str(Path(out).parent)!r} does not exist; create it first")
-    client, threads, close = open_cluster(scheduler, workers) if cluster else (None, None, lambda: None)
+    stored = _resume_record(out, record) if resume else None
+    created: list = []
     try:
-        job = Job(ref if cluster else model, options, source,
-                  ZarrOutput(str(Path(out).resolve()), source.planar, probabilities), plan, None, settings, threads)
-        return _run(job, out, record, stored, cluster_runner(client) if client else run_here, str(image), quiet)
-    finally:
-        close()
+        client, threads, close = open_cluster(scheduler, workers) if cluster else (None, None, lambda: None)
+        try:
+            job = Job(ref if cluster else model, options, source,
+                      ZarrOutput(str(Path(out).resolve()), source.planar, probabilities), plan, None, settings,
+                      threads)
+            return _run(job, out, record, stored, cluster_runner(client) if client else _local_runner, str(image),
+                        quiet, created)
+        finally:
+            close()  # first: a local cluster's workers write no more once it is closed
+    except BaseException as error:
+        left = _after_failure(out, bool(created))
+        if isinstance(error, RunError):
+            raise RunError(f"{error}; {left}") from None
+        raise
+
+
+def _finished(out: str) -> int:
+    """How many chunks of ``out`` have their done flag set; 0 where the flags cannot be read."""
+    try:
+        return int(np.count_nonzero(_import_zarr().open_array(out, path="done", mode="r")[...]))
+    except Exception:  # a store whose creation failed midway has no flags to read
+        return 0
+
+
+def _after_failure(out: str, created: bool) -> str:
+    """After a failed run: remove the store it created if no chunk was finished; say what is left."""
+    finished = _finished(out) if os.path.isdir(out) else 0
+    if finished:
+        return f"the chunks finished so far ({finished}) are kept in {out}: run the same command with --resume"
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return "nothing was written"
+    return f"{out} is kept for --resume" if os.path.isdir(out) else "nothing was written"
 
 
 def _record(model: Model, ref: ModelRef | None, digest: str, image, source: ZarrInput, plan: BlockPlan,
@@ -779,20 +1026,42 @@ def parse_chunks(text: str) -> tuple[int, int, int]:
         raise InputError(f"--chunks takes three whole numbers Z,Y,X, got {text!r}") from None
 
 
-def predict_zarr_command(args, options: dict) -> int:
-    """``coarseseg predict`` for a zarr input (see :func:`zarr_requested`): the command line's options checked,
-    :func:`predict_zarr`, one line saying what was written."""
-    import sys
+def check_zarr_arguments(args) -> tuple[int, int, int] | None:
+    """Refuse what is wrong in ``coarseseg predict``'s arguments for a zarr input, reading nothing but the file
+    system's names and permissions (no model, no store): a scheduler address first, then the options, the input,
+    ``--out``; returns the ``--chunks`` asked for, if any.
 
+    Raises
+    ------
+    InputError
+        In one line, saying what to give instead.
+    """
+    if args.scheduler is not None:
+        parse_scheduler(args.scheduler)
+    if args.scheduler is not None and args.workers is not None:
+        raise InputError("give --scheduler or --workers, not both")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.reliability:
         raise InputError("--reliability is not written for zarr inputs; leave it out")
     if isinstance(args.probabilities, str):
         raise InputError("for a zarr input, --probabilities takes no file name: the probabilities go into "
                          f"{args.out}/probabilities")
+    if not _readable(args.image):
+        raise _cannot_read(str(args.image))
     if not is_zarr(args.image):
         raise InputError(f"{args.image} is not a zarr store; --scheduler, --workers, --resume, --chunks and a .zarr "
                          "--out need a zarr input (a .zarr folder)")
-    block = parse_chunks(args.chunks) if args.chunks else None
+    _check_paths(args.model, args.image, str(args.out), args.resume)
+    return parse_chunks(args.chunks) if args.chunks else None
+
+
+def predict_zarr_command(args, options: dict) -> int:
+    """``coarseseg predict`` for a zarr input (see :func:`zarr_requested`): the command line's options checked
+    (:func:`check_zarr_arguments`), :func:`predict_zarr`, one line saying what was written."""
+    import sys
+
+    block = check_zarr_arguments(args)
     try:
         summary = predict_zarr(args.model, args.image, args.out, scheduler=args.scheduler, workers=args.workers,
                                resume=args.resume, probabilities=bool(args.probabilities),

@@ -25,6 +25,12 @@ DISCS = [(16, 16, 8), (44, 20, 9), (24, 46, 7), (48, 48, 8)]
 DSB_CROP = np.s_[192:256, 64:128]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cli-subprocess-memory", default=None, metavar="SIZE",
+                     help="tests/test_hostile_inputs.py: run each command as its own process under "
+                          "'prlimit --as=SIZE' (e.g. 4G) instead of in-process")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _few_torch_threads():
     """One torch thread.

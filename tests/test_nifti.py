@@ -374,6 +374,24 @@ def test_writer_uses_the_layers_grid_or_else_its_scale(tmp_path):
                                                                       [0, 0, 0, 1]])
 
 
+
+def test_writer_never_saves_labels_over_the_image_they_were_made_from(tmp_path):
+    """A prediction layer carries its scan's grid; saving it onto the scan's own file is refused, byte for byte."""
+    scan = clinical_file(tmp_path / "scan.nii.gz", np.random.default_rng(0).uniform(0, 100, (9, 8, 3)))
+    _, info = read_nifti(scan)
+    derived = derived_layer_kwargs(SimpleNamespace(scale=info.spacing, translate=(0, 0, 0),
+                                                   metadata={NIFTI_KEY: info}), 3)
+    before = scan.read_bytes()
+    with pytest.raises(ValueError, match="scan.nii.gz holds an image, not a label map"):
+        write_labels(str(scan), np.ones((3, 8, 9), np.uint8), derived)
+    assert scan.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+    # A label map is saved over as napari's "Save" means: the labels were opened from it.
+    labels = tmp_path / "labels.nii.gz"
+    write_labels(str(labels), np.ones((3, 8, 9), np.uint8), derived)
+    write_labels(str(labels), np.full((3, 8, 9), 2, np.uint8), derived)
+    assert read_nifti(labels)[0].max() == 2
+
+
 # --------------------------------------------------------------------------- napari viewer
 
 

@@ -41,14 +41,15 @@ def class_maps(n_classes: int = 3, density: float = 0.5):
        dtype=st.sampled_from([np.int8, np.int32, np.uint16, np.float32, np.bool_]),
        shift=st.sampled_from([0, 0, 1]))
 def test_validate_drawing_returns_the_same_labels_or_one_clear_error(values, dtype, shift):
-    drawing = values.astype(dtype)  # unsigned types wrap negatives around: large labels, still valid
+    drawing = values.astype(dtype)  # unsigned types wrap negatives around: large labels, beyond 255 classes
     shape = (drawing.shape[0], drawing.shape[1] + shift)
     try:
         out = validate_drawing(drawing, shape, "layer")
     except AnnotationError as error:
         message = str(error)
         assert "'layer'" in message  # names the layer
-        assert any(word in message for word in ("shape", "negative", "empty", "non-integer"))
+        assert any(word in message for word in ("shape", "negative", "empty", "non-integer", "classes 1..255",
+                                                "0 and 255"))
         return
     assert shift == 0 and out.dtype == np.int64
     np.testing.assert_array_equal(out, drawing.astype(np.int64))

@@ -239,8 +239,12 @@ def test_training_input_errors(discs, disc_drawings):
         next(train_refineseg(image, [], [disc_drawings.negative], **TINY))
     with pytest.raises(AnnotationError, match="shape"):
         next(train_refineseg(image, [disc_drawings.positive[:10]], **TINY))
-    with pytest.raises(AnnotationError, match="n_classes is 1"):
+    with pytest.raises(AnnotationError, match="number of classes is 1"):
         next(train_refineseg(image, [disc_drawings.positive * 2], n_classes=1, **TINY))
+    with pytest.raises(AnnotationError, match="from 1 to 255, got 256"):
+        next(train_refineseg(image, [disc_drawings.positive], n_classes=256, **TINY))
+    with pytest.raises(AnnotationError, match="0 and 255: a binary mask"):
+        next(train_refineseg(image, [(disc_drawings.positive > 0) * 255], [disc_drawings.negative], **TINY))
     with pytest.raises(ValueError, match="patch_size 30 must be a multiple"):
         next(train_refineseg(image, [disc_drawings.positive], **dict(TINY, patch_size=30)))
     with pytest.raises(ValueError, match="unknown training settings"):

@@ -11,6 +11,7 @@ one midway and measures the workers' peak memory (``VmHWM``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -55,7 +56,10 @@ def blobs(shape, seed: int = 0) -> np.ndarray:
 
 def run(capsys, *args) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:  # argparse's refusals (status 2)
+        code = exit.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -343,7 +347,7 @@ def one_line_error(capsys, args, out) -> str:
     there."""
     code, _, err = run(capsys, *args)
     lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("coarseseg predict: error:"), err
+    assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("coarseseg predict: error:"), err
     assert not Path(out).exists()
     return lines[0]
 
@@ -367,7 +371,7 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(blob_model, tmp
         "exists; give another --out, or --resume": [tmp_path / "ok.zarr", "--out", tmp_path / "exists.zarr"],
         "cannot reach the dask scheduler at tcp://127.0.0.1:9": [tmp_path / "ok.zarr", "--scheduler",
                                                                  "tcp://127.0.0.1:9"],
-        "--workers must be at least 1": [tmp_path / "ok.zarr", "--workers", "0"],
+        "--workers": [tmp_path / "ok.zarr", "--workers", "0"],  # argparse's refusal, or predict_zarr's
         "takes three whole numbers": [tmp_path / "ok.zarr", "--chunks", "4,a,2"],
         "takes no file name": [tmp_path / "ok.zarr", "--probabilities", "p.tif"],
     }
@@ -383,6 +387,145 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(blob_model, tmp
     tifffile.imwrite(tiff, blobs((1, 32, 32))[0])
     assert "need a zarr input" in one_line_error(capsys, ["predict", path, tiff, "--out", out, "--workers", "1"],
                                                  out)
+
+
+def tree(root: Path) -> dict:
+    """Every file and folder under ``root``: a file's SHA-256, None for a folder (a symbolic link: its target)."""
+    return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def refused(capsys, args, tmp_path, words) -> str:
+    """Run ``coarseseg predict ARGS`` in this process and check it refused: a non-zero exit, one stderr line
+    ``coarseseg predict: error: ...`` holding every one of ``words``, no traceback, and under ``tmp_path`` (the
+    input store included) not a byte changed, no file or folder added or removed."""
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "predict", *args)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("coarseseg predict: error:"), err
+    assert "Traceback" not in err and all(word in lines[0] for word in words), (words, err)
+    assert tree(tmp_path) == before
+    return lines[0]
+
+
+def _denied(monkeypatch, refuse):
+    """``os.access`` saying no where ``refuse(path, mode)``: as root (the tests' machine) no permission bit stops a
+    read or a write, so the permission checks are made to trigger this way."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not refuse(str(path), mode) and real(path, mode, **kw))
+
+
+def _copy(source, target: Path) -> Path:
+    target.write_bytes(Path(source).read_bytes())
+    return target
+
+
+def _permission_error(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", "in.zarr/zarr.json")
+
+
+#: Each refusal: (what to set up, given tmp_path, the model file and monkeypatch, returning the arguments after
+#: ``predict``; words the error line must hold).
+ADDRESS = "is not a dask scheduler address; give tcp://HOST:PORT"
+REFUSALS = {
+    "scheduler not a url": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "out.zarr", "--scheduler", "not a url"],
+                            ["--scheduler 'not a url' " + ADDRESS]),
+    "scheduler port 0": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "out.zarr", "--scheduler",
+                                           "tcp://127.0.0.1:0"], [ADDRESS]),
+    "scheduler port 70000": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "out.zarr", "--scheduler",
+                                               "10.0.0.1:70000"], [ADDRESS]),
+    "scheduler scheme": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "out.zarr", "--scheduler",
+                                           "http://127.0.0.1:8787"], [ADDRESS, "dashboard"]),
+    "scheduler host": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "out.zarr", "--scheduler", "tcp://a b:8786"],
+                       [ADDRESS]),
+    "resume without a store": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "out.zarr", "--resume"],
+                               ["--resume: there is no", "out.zarr to finish", "run without --resume"]),
+    "out named .tif": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "labels.tif"],
+                       ["a zarr input is predicted into a zarr store: name --out OUT.zarr"]),
+    "out is the input": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "in.zarr"],
+                         ["is the input", "it would be overwritten; give another --out"]),
+    "out inside the input": (lambda t, m, mp: [m, t / "in.zarr", "--out", t / "in.zarr" / "labels.zarr"],
+                             ["is the input", "it would be overwritten"]),
+    "out holds the input": (lambda t, m, mp: [m, t / "in.zarr", "--out", t], ["holds the input", "overwritten"]),
+    "out is the input by a link": (lambda t, m, mp: (t / "link.zarr").symlink_to(t / "in.zarr") or [
+        m, t / "in.zarr", "--out", t / "link.zarr"], ["is the input", "overwritten"]),
+    "out is the model": (lambda t, m, mp: [_copy(m, t / "model.zarr"), t / "in.zarr", "--out", t / "model.zarr"],
+                         ["is the model file", "overwritten"]),
+    "input unreadable": (lambda t, m, mp: _denied(mp, lambda p, mode: p.endswith("in.zarr")) or [
+        m, t / "in.zarr", "--out", t / "out.zarr"], ["cannot read", "permission denied", "chmod -R u+rX"]),
+    "input metadata unreadable": (lambda t, m, mp: mp.setattr(zarr, "open", _permission_error) or [
+        m, t / "in.zarr", "--out", t / "out.zarr"], ["cannot read", "in.zarr: permission denied"]),
+    "output folder unwritable": (lambda t, m, mp: _denied(mp, lambda p, mode: mode & os.W_OK and p == str(
+        t.resolve())) or [m, t / "in.zarr", "--out", t / "out.zarr"], ["cannot write", "is not writable"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_refused_zarr_prediction_says_why_in_one_line_and_changes_nothing(blob_model, tmp_path, capsys,
+                                                                            monkeypatch, case):
+    """Refused before the input is read or a cluster started: a scheduler address, --resume with no store, --out
+    not a .zarr, --out that is (or holds, or lies in) the input or the model, an unreadable input, an output folder
+    that cannot be written to."""
+    setup, words = REFUSALS[case]
+    write_zarr(tmp_path / "in.zarr", blobs((2, 64, 64)), (1, 64, 64))
+    args = [*setup(tmp_path, blob_model[1], monkeypatch), "--quiet"]
+    began = time.perf_counter()
+    refused(capsys, args, tmp_path, words)
+    assert time.perf_counter() - began < 5  # no connection tried, nothing computed
+
+
+def test_a_scheduler_that_fails_otherwise_than_by_oserror_leaves_no_client_open(blob_model, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A connection that fails with another error than OSError (the ucx placeholder's TypeError, say) left
+    ``distributed.Client`` half open, its event loop thread running: at interpreter exit its ``__del__`` waited
+    20 s for that thread, then printed a TimeoutError traceback (and the next client in the process could
+    deadlock, collecting it). Now it is closed, its thread ended, before the error line."""
+    import threading
+
+    client_module = pytest.importorskip("distributed.client")
+
+    async def connect(*args, **kwargs):
+        raise TypeError("no connector")
+
+    monkeypatch.setattr(client_module, "connect", connect)
+    loops = {thread for thread in threading.enumerate() if thread.name == "IO loop"}  # distributed's loop thread
+    write_zarr(tmp_path / "in.zarr", blobs((2, 64, 64)), (1, 64, 64))
+    refused(capsys, [blob_model[1], tmp_path / "in.zarr", "--out", tmp_path / "out.zarr", "--scheduler",
+                     "tcp://127.0.0.1:1", "--quiet"], tmp_path,
+            ["cannot reach the dask scheduler at tcp://127.0.0.1:1 (TypeError: no connector)"])
+    assert {thread for thread in threading.enumerate() if thread.name == "IO loop"} <= loops
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_run_that_fails_keeps_its_finished_chunks_or_nothing(blob_model, tmp_path, capsys, monkeypatch, failing):
+    """The chunk ``failing`` raises: before any chunk was finished, the store this run made is removed; after one,
+    it is kept for --resume, which finishes it."""
+    from napari_coarseseg import zarr_predict
+
+    _, path = blob_model
+    write_zarr(tmp_path / "in.zarr", blobs((2, 64, 64)), (1, 64, 64))
+    args = [path, tmp_path / "in.zarr", "--out", tmp_path / "out.zarr", "--chunks", "1,64,64", "--quiet"]
+    real, calls = zarr_predict.predict_block, []
+
+    def predict_block(*args, **kwargs):
+        calls.append(args[5])
+        if len(calls) > failing:
+            raise RuntimeError("a failing\nchunk")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zarr_predict, "predict_block", predict_block)
+    if failing == 0:
+        refused(capsys, args, tmp_path, ["block (0, 0, 0) failed (RuntimeError: a failing chunk)",
+                                         "nothing was written"])
+        return
+    code, _, err = run(capsys, "predict", *args)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "block (1, 0, 0) failed" in lines[0], err
+    assert "finished so far (1) are kept" in lines[0] and "--resume" in lines[0]
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "done"), mode="r")[...].ravel().tolist() == [1, 0]
+    monkeypatch.setattr(zarr_predict, "predict_block", real)
+    code, stdout, err = run(capsys, "predict", *args, "--resume")
+    assert code == 0 and "1 chunks predicted" in stdout and "1 already done" in stdout, err
 
 
 # --------------------------------------------------------------------------- napari

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
+
 from ..annotations import AnnotationError
 from ..inference import TILE_SIZE, Prediction, move_channels_for_model
-from ..model_io import Model, ModelFileError, load_weights, read_card, resolve_model_path
+from ..model_io import Model, ModelFileError, check_weight_shapes, load_weights, read_card, resolve_model_path
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method
 from .recursive import RECURSIVE
@@ -86,9 +88,11 @@ def load_model(path, device="cpu") -> Model:
     Raises
     ------
     ModelFileError
-        If the file is missing, not a safetensors file, carries no valid card,
-        names a method this napari-coarseseg does not know, or its tensors do
-        not match the network the card describes.
+        If the file is missing, not a safetensors file, carries no valid card
+        (a field of the wrong type or out of range, generic or the method's:
+        :attr:`Method.check_card`), names a method this napari-coarseseg does
+        not know, or its tensors do not match the network the card describes.
+        Always one line, naming the file.
 
     Examples
     --------
@@ -100,7 +104,18 @@ def load_model(path, device="cpu") -> Model:
     if card["method"] not in METHODS:
         raise ModelFileError(f"{path}: unknown method {card['method']!r}; this napari-coarseseg knows "
                              f"{', '.join(METHODS)}. Upgrade napari-coarseseg.")
-    model = load_weights(path, METHODS[card["method"]].build_model(card))
+    method = METHODS[card["method"]]
+    try:
+        if method.check_card is not None:
+            method.check_card(card)
+        # The skeleton on the meta device allocates nothing: a card whose (in-range) sizes do not match the
+        # file's tensors is refused before the network it describes is allocated for real.
+        with torch.device("meta"):
+            skeleton = method.build_model(card)
+    except ModelFileError as error:
+        raise ModelFileError(f"{path}: {error}") from None
+    check_weight_shapes(path, skeleton)
+    model = load_weights(path, method.build_model(card))
     return model.to(device).eval()
 
 

@@ -45,6 +45,7 @@ from ..data import PatchSampler, TrainingImages, augment
 from ..data_parallel import Ranks
 from ..inference import predict_planes, softmax_maps
 from ..model_io import Model, make_card
+from ..resources import check_free_space, check_memory
 from ..training import (
     NETWORKS,
     TrainingConfig,
@@ -62,6 +63,27 @@ __all__ = ["TrainingLoop", "TrainingRun"]
 
 #: What every ``train_*`` function returns: events out, the model as the return value.
 TrainingRun = Generator[TrainingEvent, None, Model]
+
+
+def _check_memory(loop: "TrainingLoop", batch_size: int) -> None:
+    """Refuse a run whose step cannot fit, before anything is allocated: a class count read from a wrong file (an
+    image given as a drawing) once had the kernel kill the process at 24 GB after 46 s."""
+    size = loop.config.patch_size
+    check_memory(loop.step_memory(batch_size), loop.device,
+                 f"a training step with {loop.n_classes} class{'es' if loop.n_classes > 1 else ''} ({batch_size} "
+                 f"patches of {size} x {size} px)",
+                 "the class count is the drawings' largest value (do they hold classes 1..K, not image values?); "
+                 "else lower the batch size or the patch size")
+
+
+def _check_disk(folder, parameters, images: TrainingImages) -> None:
+    """Refuse a run whose checkpoint and model cannot fit on the disk, before the first step rather than at the
+    first checkpoint: a checkpoint holds the weights, AdamW's two moments and the method's per-pixel state (at most
+    the images' size); the old one stays until the new one replaces it, and the model (the weights again) is
+    written beside it at the end."""
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    needed = 2 * (3 * weights + sum(plane.nbytes for plane in images.planes)) + weights
+    check_free_space(folder, needed, "the checkpoint and the model")
 
 
 class TrainingLoop:
@@ -98,6 +120,9 @@ class TrainingLoop:
 
     #: The method's name, as cards and checkpoints record it.
     method = ""
+    #: Floats a step holds per patch pixel and network channel, an upper bound of what was measured: 55 for the
+    #: refineseg preset (386 MB above the idle process: 12 patches of 96 px, 16 channels, 2 classes).
+    floats_per_pixel_channel = 64
 
     def __init__(self, images: TrainingImages, config: TrainingConfig, seed: int | None, device,
                  checkpoint=None, init: Model | None = None):
@@ -117,6 +142,7 @@ class TrainingLoop:
         self.ranks = Ranks.current()
         share = self.ranks.per_process(config.batch_size)
         self.rows = slice(self.ranks.rank * share, (self.ranks.rank + 1) * share)
+        _check_memory(self, share)
         # The same batches on every process: the same seed (rank 0's random one when none is given).
         self.rng, self.torch_rng = seed_everything(self.ranks.broadcast(random_seed() if seed is None else seed))
         self.modules = {name: module.to(self.device) for name, module in self.build_modules().items()}
@@ -136,10 +162,21 @@ class TrainingLoop:
                                         [*images.planes, *(t for strategy in targets for t in strategy)],
                                         modules=self.modules, optimizer=self.optimizer, schedule=self.schedule,
                                         rng=self.rng, torch_rng=self.torch_rng, ranks=self.ranks)
+        if self.checkpoint.path is not None and self.ranks.main:
+            _check_disk(self.checkpoint.path.parent, parameters, images)
         self.step = 0  # optimiser steps done
         self.plane = 0  # evolution planes shown after the drawings (TrainingEvent.iteration)
 
     # ------------------------------------------------------------------ a method's parts
+
+    def step_memory(self, batch_size: int) -> int:
+        """Bytes a step on ``batch_size`` patches needs at most, known before anything is built (a method with
+        more per-pixel tensors, refineseg's transition matrices, adds them)."""
+        config = self.config
+        slab = 2 * config.slice_context + 1 if config.network == "unet3d" else 1
+        per_pixel = (self.floats_per_pixel_channel * config.base_channels * slab
+                     + 16 * (self.n_classes + 1) + 4 * self.images.input_channels)
+        return 4 * batch_size * config.patch_size**2 * per_pixel
 
     def build_modules(self) -> dict[str, nn.Module]:
         """The trained modules, by name: ``"network"`` (the segmentation network) and any others."""

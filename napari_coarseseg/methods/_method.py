@@ -111,6 +111,14 @@ class Method:
         The values of :attr:`~napari_coarseseg.TrainingConfig.network` it
         trains, the default first (empty: its own network only, the setting
         left at its default).
+    check_card : callable, optional
+        ``check_card(card)``: refuse a card whose method fields (those
+        :func:`~napari_coarseseg.model_io.read_card` does not know, e.g.
+        refineseg's ``prior``) have the wrong type or range, with a one-line
+        :class:`~napari_coarseseg.ModelFileError` naming the field
+        (:func:`~napari_coarseseg.model_io.card_error`; the loader puts the
+        file in front). Called by :func:`~napari_coarseseg.load_model` before
+        ``build_model``; ``None``: the method reads no field of its own.
     """
 
     name: str
@@ -124,6 +132,7 @@ class Method:
     loop: Callable | None = None
     live_settings: Mapping = field(default_factory=dict)
     networks: tuple[str, ...] = ()
+    check_card: Callable[[dict], None] | None = None
 
     @property
     def role_names(self) -> tuple[str, ...]:

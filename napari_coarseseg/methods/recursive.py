@@ -57,7 +57,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
 from scipy.ndimage import maximum as ndi_maximum
 
-from ..annotations import AnnotationError, label_dtype
+from ..annotations import AnnotationError, class_count, label_dtype
 from ..data import TrainingImages, in_plane_spacing
 from ..inference import (
     TILE_SIZE,
@@ -70,14 +70,14 @@ from ..inference import (
 )
 from ..levelset import check_spacing, grow_regions, label_regions, separate_objects
 from ..losses import masked_nll
-from ..model_io import Model, ModelFileError, input_channels
+from ..model_io import Model, ModelFileError, card_error, card_number, card_whole, input_channels
 from ..multitask import MultiTaskUNet
 from ..training import TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method, PlaneRule
 
 __all__ = ["train_recursive", "predict_recursive", "final_growth", "prediction_seeds", "physical_length",
-           "RecursiveMasks", "RecursiveTraining", "RECURSIVE"]
+           "RecursiveMasks", "RecursiveTraining", "RECURSIVE", "check_card"]
 
 # Share of every batch drawn from the strongly labelled planes (those patches
 # also train T2 where they carry partial masks), so that T1 sees its few exact
@@ -142,10 +142,7 @@ class RecursiveMasks:
             )
         drawn_k = max(int(layer.max()) for role in ("partial", "strong") for layer in checked[role]
                       if layer is not None)
-        self.n_classes = int(n_classes) if n_classes is not None else max(drawn_k, 1)
-        if drawn_k > self.n_classes:
-            raise AnnotationError(f"a mask holds class {drawn_k} but n_classes is {self.n_classes}; "
-                                  "raise n_classes or fix the mask.")
+        self.n_classes = class_count(n_classes, drawn_k, "a mask")
         # A slice counts as labelled iff it has a non-zero pixel.
         self.strong = [s if s is not None and s.any() else None for s in images.per_plane(checked["strong"])]
         self.partial = [s if s is not None and s.any() else None for s in images.per_plane(checked["partial"])]
@@ -305,6 +302,7 @@ class RecursiveTraining(TrainingLoop):
     """The recursive run: a multi-task U-Net, its approximations grown after every iteration."""
 
     method = "recursive"
+    floats_per_pixel_channel = 96  # two task decoders: measured 75 (TrainingLoop.floats_per_pixel_channel)
 
     def __init__(self, images: TrainingImages, masks: RecursiveMasks, config: TrainingConfig, seed, device,
                  checkpoint=None, init: Model | None = None):
@@ -705,6 +703,34 @@ def _card_pair(spacing):
     return None
 
 
+def check_card(card: dict) -> None:
+    """Refuse a recursive card whose own fields have the wrong type or range (:attr:`Method.check_card`).
+
+    ``epsilon_predict`` (the growth's speed) is a finite number above 0, ``prediction_gate`` a number of pixels
+    >= 0 (Infinity: no gate), ``prediction_seed_level`` a share from 0 to 1, the network ``'multitask'`` with
+    ``task_levels`` from 1 to its depth and a true/false ``separation``. The generic fields are already checked
+    (:func:`~napari_coarseseg.read_card`).
+
+    Raises
+    ------
+    ModelFileError
+        One line naming the field (without the file, which the loader puts in front).
+    """
+    if "epsilon_predict" in card:
+        card_number(card["epsilon_predict"], "epsilon_predict", 0, above=True)
+    if "prediction_gate" in card:
+        card_number(card["prediction_gate"], "prediction_gate", 0, infinite=True)
+    if "prediction_seed_level" in card:
+        card_number(card["prediction_seed_level"], "prediction_seed_level", 0, 1)
+    network = card["network"]
+    if network.get("kind") != "multitask":
+        raise card_error("network.kind", "'multitask' for a recursive model", network.get("kind"))
+    if "task_levels" in network:
+        card_whole(network["task_levels"], "network.task_levels", 1, network["depth"])
+    if "separation" in network and not isinstance(network["separation"], bool):
+        raise card_error("network.separation", "true or false", network["separation"])
+
+
 def build_model(card: dict) -> Model:
     """The untrained multi-task U-Net a recursive card describes."""
     network = card["network"]
@@ -732,4 +758,5 @@ RECURSIVE = Method(
     build_model=build_model,
     length=("iterations", "steps"),
     loop=recursive_loop,
+    check_card=check_card,
 )

@@ -35,6 +35,7 @@ from torch import nn
 from ..annotations import (
     AnnotationError,
     background_target,
+    class_count,
     label_dtype,
     negative_target,
     positive_target,
@@ -50,14 +51,15 @@ from ..inference import (
     start_prediction,
 )
 from ..losses import edge_aware_smoothness, refineseg_loss, trust_pixels, undrawn_background_loss
-from ..model_io import Model, ModelFileError, input_channels
+from ..model_io import Model, ModelFileError, card_error, card_number, input_channels
 from ..networks import SlabUNet, TransitionHead, UNet
-from ..training import NETWORKS, TrainingConfig, resolve_config
+from ..training import NETWORKS, PRIOR_STRENGTH_MAX, TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method, PlaneRule
 
 __all__ = ["train_refineseg", "predict_refineseg", "RefinesegDrawings", "RefinesegTraining", "adjust_to_prior",
-           "estimate_class_prior", "prior_strength_for_gap", "REFINESEG", "LIVE_SETTINGS"]
+           "estimate_class_prior", "prior_strength_for_gap", "REFINESEG", "LIVE_SETTINGS", "PRIOR_STRENGTH_MAX",
+           "check_prior_strength", "check_card"]
 
 # The automatic prior strength (``prior_strength="auto"``, :func:`prior_strength_for_gap`): drawings whose
 # object strokes lie within GAP_FREE px of background strokes keep the Bayes rule (tau = 1); every further
@@ -68,6 +70,41 @@ __all__ = ["train_refineseg", "predict_refineseg", "RefinesegDrawings", "Refines
 GAP_FREE = 15.0
 GAP_PER_STEP = 8.0
 STRENGTH_MAX = 3
+
+# PRIOR_STRENGTH_MAX (10), the largest strength a setting or card may give, is defined in training.py so that
+# TrainingConfig.validate checks it without importing the methods; see its comment there for why 10.
+
+
+def check_prior_strength(value, name: str = "--prior-strength") -> float:
+    """``value`` as a float if it is a prior strength, a number from 0 to :data:`PRIOR_STRENGTH_MAX`.
+
+    ``"auto"`` (training's :func:`prior_strength_for_gap`) is for the caller to handle; here it is refused like
+    any other non-number.
+
+    Raises
+    ------
+    ValueError
+        In one line naming ``name`` (how the user gave it) and the value.
+
+    Examples
+    --------
+    >>> check_prior_strength(3), check_prior_strength("0.5")
+    (3.0, 0.5)
+    >>> check_prior_strength(float("inf"))
+    Traceback (most recent call last):
+    ...
+    ValueError: --prior-strength must be a number from 0 to 10 (the exponent of the class-prior correction; 1 is \
+Bayes' rule), got inf
+    """
+    try:
+        strength = float(value)
+    except (TypeError, ValueError):
+        strength = float("nan")
+    if isinstance(value, bool) or not 0 <= strength <= PRIOR_STRENGTH_MAX:
+        shown = value if isinstance(value, str) and value.strip() else repr(value)
+        raise ValueError(f"{name} must be a number from 0 to {PRIOR_STRENGTH_MAX:g} (the exponent of the "
+                         f"class-prior correction; 1 is Bayes' rule), got {shown}")
+    return strength
 
 
 def _layers(value) -> list:
@@ -120,12 +157,7 @@ class RefinesegDrawings:
                 checked[role].append(per_image)
         drawn = [d for role in ("positive", "negative") for st in checked[role] for d in st if d is not None]
         drawn_k = max((int(d.max()) for d in drawn), default=0)
-        self.n_classes = int(n_classes) if n_classes is not None else max(drawn_k, 1)
-        if drawn_k > self.n_classes:
-            raise AnnotationError(
-                f"a drawing holds class {drawn_k} but n_classes is {self.n_classes}; "
-                "raise n_classes or fix the drawing."
-            )
+        self.n_classes = class_count(n_classes, drawn_k)
         positive_values = [np.unique(d) for st in checked["positive"] for d in st if d is not None]
         positive_classes = np.setdiff1d(np.concatenate(positive_values or [np.zeros(0, np.int64)]), [0])
         if len(positive_classes) == 1 and not checked["negative"] and not checked["background"]:
@@ -211,7 +243,10 @@ def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior, stre
     1`` is the tuned logit adjustment of long-tail learning [3]_
     (``log p' = log p + tau log(prior ratio)``), for a network whose
     posteriors are over-confident where nothing was drawn, so that the
-    prior estimated from them is itself short of the true one.
+    prior estimated from them is itself short of the true one. ``tau`` is a
+    number from 0 to :data:`PRIOR_STRENGTH_MAX` (``ValueError`` otherwise);
+    the correction is computed in log space, so every strength in that range
+    gives finite probabilities.
 
     References
     ----------
@@ -225,11 +260,19 @@ def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior, stre
     >>> adjust_to_prior(np.array([[0.5], [0.5]]), [0.8, 0.2], [0.5, 0.5], strength=2)[:, 0]
     array([0.94117647, 0.05882353])
     """
-    if not strength >= 0:
-        raise ValueError(f"the prior strength must be >= 0, got {strength}")
-    ratio = (np.asarray(class_prior, dtype=np.float64) / np.asarray(training_prior, dtype=np.float64)) ** strength
+    strength = check_prior_strength(strength, "the prior strength")
+    dtype = np.result_type(probabilities.dtype, np.float32)
+    if strength == 0:  # no correction (a live session's preview): the probabilities as they are, renormalised
+        return probabilities / np.maximum(probabilities.sum(axis=0, keepdims=True), 1e-12).astype(dtype)
+    # In log space, a softmax with its maximum subtracted: ratio ** tau itself overflows (or underflows to 0,
+    # and then 0 / 0) for strong priors at tau near PRIOR_STRENGTH_MAX.
+    log_ratio = strength * (np.log(np.asarray(class_prior, dtype=np.float64))
+                            - np.log(np.asarray(training_prior, dtype=np.float64)))
     shape = (-1,) + (1,) * (probabilities.ndim - 1)
-    adjusted = probabilities * ratio.reshape(shape).astype(np.float32)
+    with np.errstate(divide="ignore"):  # p = 0 is log p = -inf: exp gives it back as 0
+        logits = np.log(probabilities.astype(dtype, copy=False)) + log_ratio.reshape(shape).astype(dtype)
+    top = logits.max(axis=0, keepdims=True)
+    adjusted = np.exp(logits - np.where(np.isfinite(top), top, 0))
     return adjusted / np.maximum(adjusted.sum(axis=0, keepdims=True), 1e-12)
 
 
@@ -306,14 +349,25 @@ class RefinesegTraining(TrainingLoop):
         self.prior_strength = (prior_strength_for_gap(self.annotation_gap) if config.prior_strength == "auto"
                                else float(config.prior_strength))
 
+    @property
+    def n_heads(self) -> int:
+        """Transition heads this run trains: one per drawing layer its ``transition_heads`` setting covers."""
+        return {"all": self.n_positive + len(self.drawings.negative_targets), "positive": self.n_positive,
+                "none": 0}[self.config.transition_heads]
+
+    def step_memory(self, batch_size: int) -> int:
+        # Each head gives an L x L matrix per pixel; with its softmax, its product with p in the loss and their
+        # gradients a step holds about four such tensors per head (measured: 8.2 for two heads at L = 16 and 32,
+        # 8 at 2 layers), five here for a margin. At L = 256 this is what makes a 0/255 mask need 160 GB.
+        per_pixel = 5 * self.n_heads * (self.n_classes + 1) ** 2
+        return super().step_memory(batch_size) + 4 * batch_size * self.config.patch_size**2 * per_pixel
+
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
         network = unet_for(config.network, self.images.input_channels, self.images.slice_context, n_labels,
                            config.base_channels, config.depth)
-        n_heads = {"all": self.n_positive + len(self.drawings.negative_targets), "positive": self.n_positive,
-                   "none": 0}[config.transition_heads]
         heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
-                               for _ in range(n_heads)])
+                               for _ in range(self.n_heads)])
         return {"network": network, "heads": heads}
 
     def targets(self):
@@ -544,11 +598,14 @@ def refineseg_plane_rule(model: Model, prior_correction: bool = True, prior_stre
     """One plane's labels from its blended maps: prior-corrected probabilities, their argmax (local).
 
     What :func:`predict_refineseg` does with every plane, and blockwise prediction with every block.
+    A ``prior_strength`` outside 0 to :data:`PRIOR_STRENGTH_MAX` is a ``ValueError`` here, before any plane.
     """
     n_labels, prior = model.n_classes + 1, model.card.get("prior")
     if prior_strength is None:
-        # Cards written before the strength was a setting used the Bayes rule (1).
+        # Cards written before the strength was a setting used the Bayes rule (1); a loaded card's is checked.
         prior_strength = float((prior or {}).get("strength", 1.0))
+    else:
+        prior_strength = check_prior_strength(prior_strength, "prior_strength")
     dtype = label_dtype(model.n_classes)
 
     def finish(maps: np.ndarray, keep_probabilities: bool):
@@ -570,7 +627,8 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
     loss implies (each drawing layer weighs the same) to the class
     frequencies estimated on the training images (stored in the card);
     ``False`` gives the plain argmax of p(y|x). ``prior_strength`` is the
-    exponent of that correction (:func:`adjust_to_prior`; default the
+    exponent of that correction (:func:`adjust_to_prior`; from 0 to
+    :data:`PRIOR_STRENGTH_MAX`, :func:`check_prior_strength`; default the
     card's, 1 for cards without one). The other parameters are those of
     :func:`napari_coarseseg.predict`.
 
@@ -579,8 +637,9 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
     Prediction
         ``labels``, ``probabilities`` (unless not kept) and ``reliability``.
     """
-    image, device, planes = start_prediction(model, image, device, name)
+    # The rule first: it refuses a prior strength out of range before the image is read.
     rule, n_labels = refineseg_plane_rule(model, prior_correction, prior_strength), model.n_classes + 1
+    image, device, planes = start_prediction(model, image, device, name)
     labels, probabilities, reliability = [], [], []
     for maps in iter_predict_planes(model.network, planes, device, rule.maps, tile_size, overlap, batch_size, flips):
         plane_labels, plane_probabilities = rule.finish(maps, keep_probabilities)
@@ -600,6 +659,48 @@ def unet_for(kind: str, input_channels: int, slice_context: int, n_labels: int, 
         slices = 2 * slice_context + 1
         return SlabUNet(input_channels // slices, n_labels, base_channels, depth, slices=slices)
     return UNet(input_channels, n_labels, base_channels, depth)
+
+
+def _check_distribution(value, name: str, n_labels: int) -> None:
+    """A class prior: ``n_labels`` positive finite numbers summing to 1 (what the correction divides by and logs)."""
+    if not (isinstance(value, list) and len(value) == n_labels
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+                    for v in value)
+            and abs(sum(value) - 1) <= 1e-3):
+        raise card_error(name, f"a list of n_classes + 1 = {n_labels} positive finite numbers summing to 1", value)
+
+
+def check_card(card: dict) -> None:
+    """Refuse a refineseg card whose own fields have the wrong type or range (:attr:`Method.check_card`).
+
+    ``prior`` (if present) holds the ``estimated`` and ``training`` class priors, ``n_classes + 1`` positive
+    numbers summing to 1 each, and a ``strength`` from 0 to :data:`PRIOR_STRENGTH_MAX`; ``heads`` is a list of
+    names; the network is one of :data:`~napari_coarseseg.training.NETWORKS`. The generic fields (``n_classes``,
+    ``network`` sizes, ...) are already checked (:func:`~napari_coarseseg.read_card`).
+
+    Raises
+    ------
+    ModelFileError
+        One line naming the field (without the file, which the loader puts in front).
+    """
+    n_labels = card["n_classes"] + 1
+    if "prior" in card:
+        prior = card["prior"]
+        if not isinstance(prior, dict):
+            raise card_error("prior", "a mapping with the 'estimated' and 'training' class priors", prior)
+        for key in ("estimated", "training"):
+            _check_distribution(prior.get(key), f"prior.{key}", n_labels)
+        if "strength" in prior:
+            card_number(prior["strength"], "prior.strength", 0, PRIOR_STRENGTH_MAX)
+        if prior.get("annotation_gap") is not None:
+            card_number(prior["annotation_gap"], "prior.annotation_gap", 0)
+    if "heads" in card and not (isinstance(card["heads"], list) and all(isinstance(h, str) for h in card["heads"])):
+        raise card_error("heads", "a list of drawing-layer names", card["heads"])
+    kind, context = card["network"].get("kind", "unet"), card.get("slice_context", 0)
+    if kind not in NETWORKS:
+        raise card_error("network.kind", f"one of {', '.join(map(repr, NETWORKS))} for a refineseg model", kind)
+    if kind == "unet3d" and context < 1:
+        raise card_error("slice_context", "at least 1 for the network 'unet3d' (its slab is 2k + 1 slices)", context)
 
 
 def build_model(card: dict) -> Model:
@@ -657,4 +758,5 @@ REFINESEG = Method(
     loop=refineseg_loop,
     live_settings=LIVE_SETTINGS,
     networks=NETWORKS,
+    check_card=check_card,
 )
