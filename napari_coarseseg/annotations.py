@@ -310,8 +310,8 @@ def check_class_values(labels: np.ndarray, what: str) -> None:
         raise AnnotationError(f"{what} holds values up to {top}, but labels are classes 1..{MAX_CLASSES} (0: none): "
                               "is it an image rather than a drawing or mask? Give the Labels file")
     if top == 255 and not np.any((labels > 0) & (labels < 255)):
-        raise AnnotationError(f"{what} holds only 0 and 255: a binary mask? Classes are 1..K: use --binary (every "
-                              "non-zero value is class 1), or save it as 0/1")
+        raise AnnotationError(f"{what} holds only 0 and 255: a binary mask? Classes are 1..K: save it as 0/1, or "
+                              "on the command line pass --binary (every non-zero value is class 1)")
 
 
 def class_count(n_classes, drawn: int, what: str = "a drawing") -> int:
