@@ -646,7 +646,7 @@ def cmd_predict(args) -> int:
 
     zarr = zarr_requested(args)
     if zarr:
-        check_zarr_arguments(args)  # reads no model and no store
+        block = check_zarr_arguments(args)  # reads no model and no store
     else:
         if args.probabilities is True:
             raise InputError("--probabilities needs a file name (PROB.tif) for TIFF and NIfTI images")
@@ -668,7 +668,8 @@ def cmd_predict(args) -> int:
         raise InputError(f"--reliability: {args.model} (a {model.method} model) has no transition heads, so no "
                          "reliability map; leave --reliability out")
     if zarr:
-        return predict_zarr_command(args, {**options, **spacing_option(args.spacing, model.method, predict_function)})
+        return predict_zarr_command(args, {**options, **spacing_option(args.spacing, model.method, predict_function)},
+                                    block)
     from tqdm.auto import tqdm
 
     # All outputs appear together at the end, or none if any image fails.

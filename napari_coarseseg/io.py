@@ -105,14 +105,30 @@ def check_suffix(path, suffixes, what: str, writes: str) -> Path:
     return path
 
 
+def readable(path) -> bool:
+    """Whether this process may read ``path`` (a folder: list and enter it); True for a path that does not exist,
+    which the input checks refuse in their own words."""
+    try:
+        if not os.path.lexists(path):
+            return True
+    except OSError:
+        return False
+    return os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
+
+
+def cannot_read(path, what: str) -> InputError:
+    """The one-line error for ``path`` (``what``: "file", "folder", "the input") that this process may not read,
+    whether found by :func:`readable` or met as a ``PermissionError``."""
+    folder = os.path.isdir(path)
+    return InputError(f"cannot read {what} {path}: permission denied; give your user read access "
+                      f"(chmod {'-R u+rX' if folder else 'u+r'} {path}) or copy it somewhere you can")
+
+
 def check_readable(path, what: str) -> Path:
-    """``path`` when this process may read it (a folder: list and enter it); one line saying so otherwise."""
-    path = Path(path)
-    mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
-    if path.exists() and not os.access(path, mode):
-        raise InputError(f"cannot read {what} {str(path)!r}: permission denied; give your user read access "
-                         f"(chmod {'-R u+rX' if path.is_dir() else 'u+r'} {str(path)!r}) or copy it somewhere you can")
-    return path
+    """``path`` when this process may read it (:func:`readable`); :func:`cannot_read`'s line otherwise."""
+    if not readable(path):
+        raise cannot_read(path, what)
+    return Path(path)
 
 
 def check_output_folder(path, what: str, create: bool = False) -> Path:

@@ -78,7 +78,7 @@ from .blockwise import (
     whole_planes,
 )
 from .inference import TILE_SIZE, check_image_for_model
-from .io import InputError
+from .io import InputError, cannot_read, readable
 from .methods import get_method, load_model
 from .methods._planes import plane_rule
 from .model_io import Model, ModelFileError, resolve_model_path
@@ -114,24 +114,7 @@ def zarr_requested(args) -> bool:
     what to fix in one line.
     """
     return bool(is_zarr(args.image) or is_zarr(args.out) or args.scheduler or args.workers is not None
-                or args.resume or args.chunks or (os.path.isdir(args.image) and not _readable(args.image)))
-
-
-def _readable(path) -> bool:
-    """Whether this user can read ``path`` (a folder: list and enter it), asked before anything is opened (where
-    the store is opened, a PermissionError is caught too); True for a path that does not exist, which the input
-    checks refuse on their own."""
-    try:
-        if not os.path.lexists(path):
-            return True
-    except OSError:
-        return False
-    return os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
-
-
-def _cannot_read(name: str) -> InputError:
-    return InputError(f"cannot read {name}: permission denied; give your user read access (chmod -R u+rX {name}) "
-                      "or copy it")
+                or args.resume or args.chunks or (os.path.isdir(args.image) and not readable(args.image)))
 
 
 def _store_root(path: Path) -> Path:
@@ -167,8 +150,8 @@ def _check_paths(model, image, out: str, resume: bool) -> None:
     ``out`` that is the input, lies in it or holds it, or is the model file, an ``out`` not named ``.zarr``, an
     ``out`` there without ``resume`` or missing with it, an output folder this user cannot write to."""
     name = str(image)
-    if not _readable(image) or not _readable(_store_root(Path(image))):
-        raise _cannot_read(name)
+    if not readable(image) or not readable(_store_root(Path(image))):
+        raise cannot_read(name, "the input")
     target = Path(out)
     if _within(target, _store_root(Path(image))):
         raise InputError(f"--out {out} is the input {name} (or inside it): it would be overwritten; give another "
@@ -316,7 +299,7 @@ def _locate_array(zarr, path: str, name: str):
             raise InputError(f"{name} does not exist")
         node = zarr.open(path, mode="r")
     except PermissionError:  # a folder or metadata file of the store this user may not read
-        raise _cannot_read(name) from None
+        raise cannot_read(name, "the input") from None
     except InputError:
         raise
     except Exception as error:  # zarr raises several kinds for a folder that is no store
@@ -391,7 +374,7 @@ def open_input(path, model: Model, channel_axis: int | None = None) -> ZarrInput
     try:
         array, store, inside, image = _locate_array(zarr, str(path), name)
     except PermissionError:  # the metadata of the image's array, read after the store's
-        raise _cannot_read(name) from None
+        raise cannot_read(name, "the input") from None
     roles = _roles(array, image, model, channel_axis, name)
     # An absolute path: workers started elsewhere have another working folder.
     source = ZarrInput(str(Path(store).resolve()), inside, tuple(roles), tuple(int(s) for s in array.shape),
@@ -1047,8 +1030,8 @@ def check_zarr_arguments(args) -> tuple[int, int, int] | None:
     if isinstance(args.probabilities, str):
         raise InputError("for a zarr input, --probabilities takes no file name: the probabilities go into "
                          f"{args.out}/probabilities")
-    if not _readable(args.image):
-        raise _cannot_read(str(args.image))
+    if not readable(args.image):
+        raise cannot_read(args.image, "the input")
     if not is_zarr(args.image):
         raise InputError(f"{args.image} is not a zarr store; --scheduler, --workers, --resume, --chunks and a .zarr "
                          "--out need a zarr input (a .zarr folder)")
@@ -1056,12 +1039,12 @@ def check_zarr_arguments(args) -> tuple[int, int, int] | None:
     return parse_chunks(args.chunks) if args.chunks else None
 
 
-def predict_zarr_command(args, options: dict) -> int:
-    """``coarseseg predict`` for a zarr input (see :func:`zarr_requested`): the command line's options checked
-    (:func:`check_zarr_arguments`), :func:`predict_zarr`, one line saying what was written."""
+def predict_zarr_command(args, options: dict, block: tuple[int, int, int] | None) -> int:
+    """``coarseseg predict`` for a zarr input (see :func:`zarr_requested`) whose arguments
+    :func:`check_zarr_arguments` passed (``block``: the chunks it returned): :func:`predict_zarr`, one line saying
+    what was written."""
     import sys
 
-    block = check_zarr_arguments(args)
     try:
         summary = predict_zarr(args.model, args.image, args.out, scheduler=args.scheduler, workers=args.workers,
                                resume=args.resume, probabilities=bool(args.probabilities),
