@@ -9,6 +9,12 @@
   (multiscale_basic_features + a random forest), the ilastik-style pixel
   classifier, trained on the same drawings; trees, depth and feature scales
   are parameters so that they can be tuned on validation like our settings.
+- :func:`ilastik_forest_fit` / :func:`ilastik_forest_probabilities` /
+  :func:`ilastik_forest_predict`: "an honest forest", ilastik's pixel
+  classifier as it ships: its 49 default features
+  (:func:`napari_coarseseg.features.ilastik_features`: Gaussian, LoG,
+  gradient magnitude, DoG, structure-tensor and Hessian eigenvalues at
+  sigmas 0.3 ... 10) and a forest of 100 trees of unlimited depth.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from napari_coarseseg.data import PatchSampler, augment, normalize, to_planes
+from napari_coarseseg.features import ILASTIK_SIGMAS, ilastik_features
 from napari_coarseseg.inference import predict_planes
 from napari_coarseseg.networks import UNet
 from napari_coarseseg.training import (
@@ -47,7 +54,8 @@ def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, dev
         targets = [np.where(ig, -1, t) for t, ig in zip(targets, ignore, strict=True)]
     n_labels = int(max(t.max() for t in targets)) + 1
     # The same memory format as the package's training, so step times compare like with like.
-    network = use_channels_last(UNet(1, max(n_labels, 2), config.base_channels, config.depth).to(device), device)
+    network = use_channels_last(UNet(1, max(n_labels, 2), config.base_channels, config.depth,
+                                          config.downsample).to(device), device)
     sampler = PatchSampler(planes, [targets], config.patch_size, config.drawn_fraction, rng)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
@@ -56,7 +64,7 @@ def train_dense(images, masks, config: TrainingConfig | None = None, seed=0, dev
     network.train()
     for _ in range(config.steps):
         x, y = sampler.batch(config.batch_size)
-        x, y = augment(torch.from_numpy(x), torch.from_numpy(y), torch_rng, config.jitter)
+        x, y = augment(torch.from_numpy(x), torch.from_numpy(y), torch_rng, config.jitter, config.augmentation)
         x, y = x.to(device), y[0].to(device)
         with autocast(device):
             logits, _ = network(x)
@@ -144,3 +152,122 @@ def random_forest_segment(train_images, train_labels, test_image, seed=0, n_esti
                    for image in (test_image if isinstance(test_image, (list, tuple)) else [test_image])]
     seconds = time.perf_counter() - start
     return (predictions if isinstance(test_image, (list, tuple)) else predictions[0]), seconds
+
+
+_ILASTIK_FEATURES: dict = {}
+_ILASTIK_FEATURE_SECONDS: dict = {}
+
+
+def _ilastik_key(image, sigmas):
+    # The dtype too: the same bytes read as another dtype are another image.
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
+    return digest, image.shape, image.dtype.str, tuple(float(s) for s in sigmas)
+
+
+def ilastik_forest_features(image, sigmas=ILASTIK_SIGMAS) -> np.ndarray:
+    """ilastik's features (:func:`~napari_coarseseg.features.ilastik_features`) of ``normalize(image)``, cached.
+
+    ``image`` is one 2-D (Y, X) image; returns (Y, X, F) float32 (F = 49
+    with the default sigmas). The cache key holds the image's bytes, shape,
+    dtype and the sigmas.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"ilastik forest: each image must be 2-D (Y, X), got shape {image.shape}")
+    key = _ilastik_key(image, sigmas)
+    if key not in _ILASTIK_FEATURES:
+        start = time.perf_counter()
+        _ILASTIK_FEATURES[key] = ilastik_features(normalize(image), sigmas=sigmas)
+        _ILASTIK_FEATURE_SECONDS[key] = time.perf_counter() - start
+    return _ILASTIK_FEATURES[key]
+
+
+def ilastik_feature_seconds(image, sigmas=ILASTIK_SIGMAS) -> float:
+    """Seconds :func:`ilastik_forest_features` took to compute the (cached) features of ``image``."""
+    image = np.asarray(image)
+    ilastik_forest_features(image, sigmas)
+    return _ILASTIK_FEATURE_SECONDS[_ilastik_key(image, sigmas)]
+
+
+def ilastik_forest_fit(train_images, train_labels, seed=0, n_estimators=100, max_depth=None, sigmas=ILASTIK_SIGMAS,
+                       class_weight=None, max_samples=None, n_jobs=-1):
+    """Fit ilastik's pixel classifier on drawn pixels; returns the fitted forest.
+
+    The defaults are the forest as ilastik ships it: all 49 features of
+    :func:`napari_coarseseg.features.ilastik_features` (six families at the
+    sigmas 0.3, 0.7, 1, 1.6, 3.5, 5, 10) on the normalised image, 100 trees
+    of unlimited depth, each on a bootstrap sample of all drawn pixels
+    (``max_samples=None``) and sqrt(F) features tried per split (scikit-learn's
+    default, as vigra's forest in ilastik).
+
+    Parameters
+    ----------
+    train_images : sequence of ndarray
+        2-D (Y, X) images (a single 2-D array is taken as one image; a 3-D
+        array as its 2-D slices).
+    train_labels : sequence of ndarray of int
+        One per image, same shape: :func:`random_forest_fit`'s convention,
+        0 = unlabelled, 1 = background, class k is k + 1.
+    seed : int
+        The forest's random state.
+    n_estimators, max_depth, max_samples
+        Trees, their depth (None: unlimited) and bootstrap sample size
+        (None: as many as drawn pixels; a float: that fraction), passed to
+        ``sklearn.ensemble.RandomForestClassifier``.
+    sigmas : sequence of float
+        Feature scales (default ``ILASTIK_SIGMAS``); stored on the forest
+        as ``forest.sigmas`` for prediction.
+    class_weight : None, "balanced", "balanced_subsample" or dict
+        Passed to scikit-learn (dict keys are labels, i.e. class + 1), so a
+        benchmark can choose it on validation. None (ilastik): every drawn
+        pixel counts once.
+    n_jobs : int
+        The forest's threads for fitting and predicting (-1: every core).
+
+    Returns
+    -------
+    sklearn.ensemble.RandomForestClassifier
+        Fitted, with ``sigmas`` added.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    if isinstance(train_images, np.ndarray) and train_images.ndim == 2:
+        train_images, train_labels = [train_images], [train_labels]
+    xs, ys = [], []
+    for image, labels in zip(train_images, train_labels, strict=True):
+        labels = np.asarray(labels)
+        if labels.shape != np.shape(image):
+            raise ValueError(f"ilastik forest: labels of shape {labels.shape} for an image of shape "
+                             f"{np.shape(image)}")
+        drawn = labels > 0
+        xs.append(ilastik_forest_features(image, sigmas)[drawn])
+        ys.append(labels[drawn])
+    y = np.concatenate(ys)
+    if y.size == 0:
+        raise ValueError("ilastik forest: no drawn pixels (labels > 0) to train on")
+    forest = RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth, class_weight=class_weight,
+                                    max_samples=max_samples, n_jobs=n_jobs, random_state=seed)
+    forest.fit(np.concatenate(xs), y)
+    forest.sigmas = tuple(float(s) for s in sigmas)
+    return forest
+
+
+def ilastik_forest_probabilities(forest, image) -> np.ndarray:
+    """Class probabilities (n_classes, Y, X) float32 of a forest from :func:`ilastik_forest_fit` on one 2-D image.
+
+    Channel k is class k (0 = background). n_classes is the highest class
+    trained on plus one; a class with no drawn pixel below it gets 0.
+    """
+    # Not cached (the training images' features are): a benchmark predicts thousands of planes once each, whose
+    # 49 features would hold gigabytes.
+    features = ilastik_features(normalize(np.asarray(image)), sigmas=forest.sigmas)
+    # forest.classes_ are the labels seen in training (class + 1), sorted; predict_proba's columns follow them.
+    classes = forest.classes_.astype(np.int64) - 1
+    probabilities = np.zeros((int(classes.max()) + 1, features.shape[0] * features.shape[1]), dtype=np.float32)
+    probabilities[classes] = forest.predict_proba(features.reshape(-1, features.shape[-1])).T
+    return probabilities.reshape(-1, *features.shape[:2])
+
+
+def ilastik_forest_predict(forest, image) -> np.ndarray:
+    """Class map (0 = background, k = class k) of a forest from :func:`ilastik_forest_fit` on one 2-D image."""
+    return ilastik_forest_probabilities(forest, image).argmax(0)

@@ -16,7 +16,10 @@ Runs, one after the other (each alone on the machine, so timings are clean):
    and the forest, 3 seeds, about 25 minutes on 2 cores; needs nilearn, which ships the template);
 6. ``recursive.py`` (the recursive method against its baselines, 4 folds x 3 seeds, about 40 minutes);
 7. ``live.py`` and ``live_recursive.py`` (scripted live sessions of each method, 3 annotators, about 12
-   minutes each); ``distributed_predict.py`` (a zarr volume on a local dask cluster, a few minutes).
+   minutes each); ``distributed_predict.py`` (a zarr volume on a local dask cluster, a few minutes);
+8. ``acdc.py run`` (cardiac cine MRI with real scribbles: the anatomy preset and the forests, 3 seeds,
+   about 2 hours on 2 cores; reads the ACDC folder, ``../shared/data/acdc_scribbles``; runs already in
+   ``acdc_runs.json`` are kept).
 
 Then writes ``results.json`` (every script's JSON under its name) and
 ``results.md`` (every script's Markdown under a heading) into the output
@@ -60,6 +63,8 @@ BENCHMARKS = {
     "brain_mri": ("brain_mri.py", ["run", "--settings", "preset", "no heads"], "A brain MRI in thick slices"),
     "distributed_predict": ("distributed_predict.py", ["--shape", "8,1024,1024"],
                             "Distributed prediction of a zarr volume"),
+    # Last: it needs the ACDC folder (``../shared/data/acdc_scribbles``, or skip it with --only).
+    "acdc": ("acdc.py", ["run"], "Cardiac MRI with real scribbles"),
 }
 
 

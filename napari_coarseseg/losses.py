@@ -43,8 +43,14 @@ __all__ = [
 EPS = 1e-7
 
 
-def coarse_distribution(transition: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
-    """Predicted distribution of the drawn label, ``q = A p`` at every pixel."""
+def coarse_distribution(transition: torch.Tensor | None, probabilities: torch.Tensor) -> torch.Tensor:
+    """Predicted distribution of the drawn label, ``q = A p`` at every pixel; ``None`` is the identity (``q = p``).
+
+    A layer without a head is ``None`` rather than an identity tensor: the product with an identity costs
+    as much as any other, L**2 multiplications a pixel and as much memory for the backward pass.
+    """
+    if transition is None:
+        return probabilities
     return torch.einsum("bmkhw,bkhw->bmhw", transition, probabilities)
 
 
@@ -122,13 +128,16 @@ def transition_regulariser(transitions: list[torch.Tensor], targets: list[torch.
     its head with a twentieth of the weight). A layer with no drawn pixel
     adds 0.
     """
-    if not transitions:
+    headed = [a for a in transitions if a is not None]  # None: a layer held at the identity, a term of 0
+    if not headed:
         return torch.zeros(())
-    n_classes = transitions[0].shape[1]
-    identity = torch.eye(n_classes, device=transitions[0].device, dtype=transitions[0].dtype)
+    n_classes = headed[0].shape[1]
+    identity = torch.eye(n_classes, device=headed[0].device, dtype=headed[0].dtype)
     identity = identity.view(1, n_classes, n_classes, 1, 1)
     total = 0
     for r, a in enumerate(transitions):  # one term per drawing layer (a handful), not per pixel
+        if a is None:
+            continue
         deviation = ((a - identity) ** 2).sum(dim=(1, 2))
         if targets is None:
             total = total + deviation.mean()

@@ -1,9 +1,16 @@
-"""Segmentation metrics: pixel Dice, object matching at an IoU threshold, merges.
+"""Segmentation metrics: pixel Dice, boundary distance, object matching at an IoU threshold, merges.
 
 For two masks P and T (sets of pixels) and two objects p and t:
 
     Dice(P, T) = 2 |P n T| / (|P| + |T|)          (1 when both are empty)
     IoU(p, t)  = |p n t| / |p u t|
+    HD95(P, T) = 95th percentile of {d(x, dT) : x in dP} u {d(y, dP) : y in dT}
+
+dP is the surface of P (its pixels with a neighbour outside P, the faces
+of the array counting as outside) and d(x, dT) the Euclidean distance from
+x to the nearest surface pixel of T, in pixels or in the units of
+``spacing``: the symmetric 95 % Hausdorff distance of the medical
+segmentation papers (as MedPy's ``hd95`` computes it).
 
 Objects are matched one to one, a pair only when IoU(p, t) >= tau, with as
 many pairs as possible (as StarDist's ``matching`` does [2]_); matched
@@ -51,6 +58,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "dice",
+    "hausdorff95",
     "instances_of",
     "iou_matrix",
     "match_instances",
@@ -196,6 +204,56 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     prediction, truth = prediction.astype(bool), truth.astype(bool)
     total = np.count_nonzero(prediction) + np.count_nonzero(truth)
     return 1.0 if total == 0 else float(2 * np.count_nonzero(prediction & truth) / total)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` with a face neighbour outside it (the array's faces count as outside)."""
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask, border_value=0)
+
+
+def hausdorff95(prediction: np.ndarray, truth: np.ndarray, spacing=None) -> float:
+    """Symmetric 95 % Hausdorff distance between the surfaces of two masks.
+
+    Parameters
+    ----------
+    prediction, truth : ndarray of bool or int
+        Masks of one shape (2-D or 3-D); every non-zero pixel is foreground.
+    spacing : sequence of float, optional
+        Pixel size along each axis (default 1: distances in pixels).
+
+    Returns
+    -------
+    float
+        The 95th percentile of the distances from each surface pixel of one
+        mask to the other mask's surface, both directions pooled; 0.0 when
+        both masks are empty and ``inf`` when only one is (no surface to
+        measure to: a benchmark decides how to count it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> truth = np.zeros((20, 20), bool); truth[5:15, 5:15] = True
+    >>> prediction = np.zeros((20, 20), bool); prediction[5:15, 5:18] = True
+    >>> hausdorff95(prediction, truth)
+    3.0
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    prediction, truth = _check_pair(prediction, truth, ndims=(2, 3))
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    if spacing is not None and (len(spacing) != prediction.ndim or not all(float(s) > 0 for s in spacing)):
+        raise ValueError(f"spacing must give one positive size per axis ({prediction.ndim}), got {spacing!r}")
+    if not prediction.any() and not truth.any():
+        return 0.0
+    if not prediction.any() or not truth.any():
+        return float("inf")
+    surface_p, surface_t = _surface(prediction), _surface(truth)
+    # One distance map per surface (the distance of every pixel to it), read at the other surface's pixels.
+    to_t = distance_transform_edt(~surface_t, sampling=spacing)[surface_p]
+    to_p = distance_transform_edt(~surface_p, sampling=spacing)[surface_t]
+    return float(np.percentile(np.concatenate([to_t, to_p]), 95))
 
 
 def iou_matrix(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ._version import __version__
 from .annotations import MAX_CLASSES
-from .training import MAX_BASE_CHANNELS, MAX_DEPTH, MAX_SLICE_CONTEXT, models_dir
+from .training import MAX_BASE_CHANNELS, MAX_DEPTH, MAX_DOWNSAMPLE, MAX_SLICE_CONTEXT, models_dir
 
 __all__ = ["Model", "ModelFileError", "make_card", "input_channels", "save_model", "read_card", "load_weights",
            "resolve_model_path", "atomic_write", "temporary_beside", "out_of_room", "publish", "list_shipped_models",
@@ -353,6 +353,8 @@ def _check_generic_fields(card: dict) -> None:
     card_whole(network.get("depth"), "network.depth", 1, MAX_DEPTH)
     if "n_heads" in network:
         card_whole(network["n_heads"], "network.n_heads", 0, MAX_HEADS)
+    if "downsample" in network:
+        card_whole(network["downsample"], "network.downsample", 1, MAX_DOWNSAMPLE)
     if "kind" in network and not isinstance(network["kind"], str):
         raise card_error("network.kind", "the name of a network", network["kind"])
     if "task_levels" in network and not _is_whole(network["task_levels"]):

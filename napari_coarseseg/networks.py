@@ -85,13 +85,30 @@ class UNet(nn.Module):
         Channels of the first level; each level below doubles them.
     depth : int
         Number of down-sampling steps. Inputs must have a height and width
-        divisible by ``2 ** depth`` (:func:`napari_coarseseg.inference.predict`
+        divisible by :attr:`divisor` (:func:`napari_coarseseg.inference.predict`
         pads for you).
+    downsample : int
+        The network works at 1 / ``downsample`` of the input's resolution:
+        the input is averaged over ``downsample x downsample`` blocks first,
+        and the logits and features are interpolated back (bilinear) to the
+        input's size. For objects large in pixels (a heart in a cine MRI
+        slice): the receptive field covers ``downsample`` times more of the
+        image at ``1 / downsample**2`` of the cost, while inputs, outputs and
+        drawings keep the image's own grid. 1 (default): full resolution.
 
     Notes
     -----
     ``forward`` returns ``(logits, features)``: ``logits`` has shape
     ``(B, n_classes, H, W)`` and ``features`` ``(B, base_channels, H, W)``.
+
+    Examples
+    --------
+    >>> net = UNet(in_channels=1, n_classes=3, base_channels=4, depth=2, downsample=2)
+    >>> net.divisor
+    8
+    >>> logits, features = net(torch.zeros(1, 1, 24, 16))
+    >>> tuple(logits.shape), tuple(features.shape)
+    ((1, 3, 24, 16), (1, 4, 24, 16))
     """
 
     def __init__(
@@ -100,14 +117,18 @@ class UNet(nn.Module):
         n_classes: int = 2,
         base_channels: int = 16,
         depth: int = 4,
+        downsample: int = 1,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        if int(downsample) != downsample or downsample < 1:
+            raise ValueError(f"downsample must be a whole number >= 1, got {downsample}")
         self.in_channels = in_channels
         self.n_classes = n_classes
         self.base_channels = base_channels
         self.depth = depth
+        self.downsample = int(downsample)
         widths = [base_channels * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList(
             [conv_block(in_channels, widths[0])]
@@ -123,10 +144,16 @@ class UNet(nn.Module):
     @property
     def divisor(self) -> int:
         """Height and width of inputs must be multiples of this number."""
-        return 2**self.depth
+        return 2**self.depth * self.downsample
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decode(self.encode(x))
+        if self.downsample == 1:
+            return self.decode(self.encode(x))
+        size = x.shape[-2:]
+        # Block means: the anti-aliased down-sampling (one pixel of the coarse grid is the mean of its block).
+        logits, features = self.decode(self.encode(F.avg_pool2d(x, self.downsample)))
+        return (F.interpolate(logits, size=size, mode="bilinear", align_corners=False),
+                F.interpolate(features, size=size, mode="bilinear", align_corners=False))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The (B, width, H / 2**level, W / 2**level) features of every encoder level, the deepest last."""
@@ -177,6 +204,8 @@ class SlabUNet(UNet):
         As :class:`UNet`.
     slices : int
         Slices of the slab, odd (2k + 1 for a slice context of k).
+    downsample : int
+        As :class:`UNet`: the in-plane block size the slab is averaged over first.
 
     Examples
     --------
@@ -187,8 +216,8 @@ class SlabUNet(UNet):
     """
 
     def __init__(self, in_channels: int = 1, n_classes: int = 2, base_channels: int = 16, depth: int = 4,
-                 slices: int = 3):
-        super().__init__(in_channels, n_classes, base_channels, depth)
+                 slices: int = 3, downsample: int = 1):
+        super().__init__(in_channels, n_classes, base_channels, depth, downsample)
         if slices < 1 or slices % 2 == 0:
             raise ValueError(f"slices must be odd and at least 1 (2k + 1), got {slices}")
         # in_channels: what the input tensor has, as for every network here (the model card checks it).

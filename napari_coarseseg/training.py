@@ -55,6 +55,15 @@ MAX_SLICE_CONTEXT = 32
 MAX_BASE_CHANNELS = 256
 #: Down-sampling steps: 4 is the default; 2**8 = 256 px of down-sampling is beyond any patch the package trains on.
 MAX_DEPTH = 8
+#: Block size the network averages its input over (``TrainingConfig.downsample``): 8 turns a 512 px slice into 64 px,
+#: about the coarsest grid on which a structure of a few pixels still exists.
+MAX_DOWNSAMPLE = 8
+
+#: Augmentations of a training batch (``TrainingConfig.augmentation``; :func:`~napari_coarseseg.data.augment`).
+AUGMENTATIONS = ("dihedral", "affine")
+#: How strokes become denser targets before training (``TrainingConfig.propagation``;
+#: :mod:`~napari_coarseseg.propagation`).
+PROPAGATIONS = ("none", "random walker")
 
 
 @dataclass
@@ -158,6 +167,27 @@ class TrainingConfig:
         serial sections whose brightness drifts from slice to slice;
         :data:`~napari_coarseseg.data.NORMALISATIONS`). Stored in the model
         card; prediction normalises the same way.
+    downsample : int
+        Refineseg: the network works at 1 / ``downsample`` of the image's
+        resolution (:class:`~napari_coarseseg.networks.UNet`): for objects
+        that are large in pixels, whose shape and surroundings decide (a heart
+        in an MRI slice), a patch of ``patch_size`` px then costs as much as
+        one of ``patch_size / downsample``. Stored in the model card.
+    augmentation : {"dihedral", "affine"}
+        "dihedral" (default): each patch takes one of the 8 flips and
+        quarter turns of the square, for images with no up, down, left or
+        right (cells, tissue). "affine": rotations up to 20 degrees, scaling
+        by up to 15 % and gamma, no flips, for images whose orientation
+        means something (anatomy in a standard view: the right ventricle is
+        on the left of a short-axis slice). Both add the intensity ``jitter``.
+    propagation : {"none", "random walker"}
+        Refineseg: "random walker" adds one drawing layer made from the
+        strokes: on every plane holding both object and background strokes,
+        each pixel of the strokes' bounding box gets the class of the
+        stroke a random walker from it most likely reaches first
+        (:func:`~napari_coarseseg.propagation.propagate_strokes`), so that
+        the network learns from whole regions rather than lines. For sparse
+        scribbles; drawings that already cover objects gain nothing.
     """
 
     steps: int = 300
@@ -192,6 +222,9 @@ class TrainingConfig:
     slice_context: int = 0
     network: str = "unet"
     normalisation: str = "image"
+    downsample: int = 1
+    augmentation: str = "dihedral"
+    propagation: str = "none"
     checkpoint_every: int = 50
 
     def replace(self, **changes) -> "TrainingConfig":
@@ -208,10 +241,18 @@ class TrainingConfig:
         for name in ("steps", "iterations", "batch_size", "base_channels", "depth", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.patch_size < 2**self.depth or self.patch_size % 2**self.depth:
-            raise ValueError(
-                f"patch_size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
-            )
+        if not (isinstance(self.downsample, int) and not isinstance(self.downsample, bool)
+                and 1 <= self.downsample <= MAX_DOWNSAMPLE):
+            raise ValueError(f"downsample must be a whole number from 1 to {MAX_DOWNSAMPLE}, got {self.downsample!r}")
+        divisor = 2**self.depth * self.downsample
+        if self.patch_size < divisor or self.patch_size % divisor:
+            raise ValueError(f"patch_size {self.patch_size} must be a multiple of 2**depth * downsample = {divisor}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {', '.join(map(repr, AUGMENTATIONS))}, "
+                             f"got {self.augmentation!r}")
+        if self.propagation not in PROPAGATIONS:
+            raise ValueError(f"propagation must be one of {', '.join(map(repr, PROPAGATIONS))}, "
+                             f"got {self.propagation!r}")
         if self.prior_strength != "auto" and not (isinstance(self.prior_strength, (int, float))
                                                   and not isinstance(self.prior_strength, bool)
                                                   and 0 <= self.prior_strength <= PRIOR_STRENGTH_MAX):

@@ -404,3 +404,18 @@ def test_undrawn_background_loss_pulls_only_undrawn_pixels_towards_background():
     assert torch.all(grad[:, :, drawn[0] >= 0] == 0)
     # A step against the gradient raises the background logit and lowers the others, where nothing is drawn.
     assert torch.all(grad[:, 0][:, drawn[0] < 0] < 0) and torch.all(grad[:, 1:][:, :, drawn[0] < 0] > 0)
+
+
+def test_a_layer_without_a_head_none_gives_the_loss_of_an_identity_head():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 5, 6), dim=1)
+    y = torch.randint(-1, 3, (2, 5, 6))
+    not_k = torch.randint(-1, 3, (2, 5, 6))
+    a = torch.softmax(torch.randn(2, 3, 3, 5, 6), dim=1)
+    for on in ("all pixels", "drawn pixels"):
+        explicit = refineseg_loss(p, [a, identity_transition(p)], [y, y], [identity_transition(p)], [not_k],
+                                  regulariser_on=on)
+        implicit = refineseg_loss(p, [a, None], [y, y], [None], [not_k], regulariser_on=on)
+        for term in ("total", "positive", "negative", "regulariser"):
+            assert torch.allclose(explicit[term], implicit[term]), (on, term)
+    assert float(refineseg_loss(p, [None], [y], [], [])["regulariser"]) == 0.0

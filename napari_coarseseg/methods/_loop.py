@@ -128,9 +128,10 @@ class TrainingLoop:
                  checkpoint=None, init: Model | None = None):
         if init is not None:
             network = init.card.get("network", {})
-            shape = {key: value for key, value in network.items() if key in ("base_channels", "depth", "task_levels")}
-            if network.get("kind") in NETWORKS:  # refineseg's 2-D or 3-D U-Net
-                shape["network"] = network["kind"]
+            shape = {key: value for key, value in network.items()
+                     if key in ("base_channels", "depth", "task_levels", "downsample")}
+            if network.get("kind") in NETWORKS:  # refineseg's 2-D or 3-D U-Net (full resolution unless it says)
+                shape["network"], shape["downsample"] = network["kind"], network.get("downsample", 1)
             config = config.replace(**shape)
         # The planes the network sees carry the run's normalisation and 2.5-D slice context (a live session's
         # images come without them).
@@ -342,7 +343,7 @@ class TrainingLoop:
         process), images (b, C, P, P) and targets (S, b, P, P)."""
         images, targets = self.batch()
         images, targets = augment(torch.from_numpy(images), torch.from_numpy(targets), self.torch_rng,
-                                  self.config.jitter)
+                                  self.config.jitter, self.config.augmentation)
         # Every process drew and augmented the same whole batch from the same generators (one process's draws,
         # whatever the number of processes); each keeps its own share.
         return images[self.rows], targets[:, self.rows].contiguous()

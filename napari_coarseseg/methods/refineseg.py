@@ -53,6 +53,7 @@ from ..inference import (
 from ..losses import edge_aware_smoothness, refineseg_loss, trust_pixels, undrawn_background_loss
 from ..model_io import Model, ModelFileError, card_error, card_number, input_channels
 from ..networks import SlabUNet, TransitionHead, UNet
+from ..propagation import propagate_strokes
 from ..training import NETWORKS, PRIOR_STRENGTH_MAX, TrainingConfig, resolve_config
 from ._loop import TrainingLoop, TrainingRun
 from ._method import DrawingRole, Method, PlaneRule
@@ -179,6 +180,22 @@ class RefinesegDrawings:
             f"background {i + 1}" for i in range(len(checked["background"]))
         ]
         self.negative_names = [f"negative {i + 1}" for i in range(len(checked["negative"]))]
+
+    def propagate(self) -> "RefinesegDrawings":
+        """Add the layer ``"propagated"``: every plane's positive and background strokes carried over the box
+        around them by a random walker (:func:`~napari_coarseseg.propagation.propagate_strokes`), after the
+        other positive layers (``TrainingConfig.propagation``). Returns ``self``."""
+        planes = self.images.planes
+        own = self.images.own_channels
+        propagated = []
+        for i, plane in enumerate(planes):
+            strokes = np.full(plane.shape[1:], -1, np.int64)
+            for strategy in self.positive_targets:  # where layers overlap, the first one wins
+                strokes = np.where(strokes < 0, strategy[i], strokes)
+            propagated.append(propagate_strokes(plane[own], strokes))
+        self.positive_targets.append(propagated)
+        self.positive_names.append("propagated")
+        return self
 
     def training_prior(self) -> np.ndarray:
         """Class prior implied by the loss: every drawing layer weighs the same.
@@ -339,6 +356,8 @@ class RefinesegTraining(TrainingLoop):
 
     def __init__(self, images: TrainingImages, drawings: RefinesegDrawings, config: TrainingConfig, seed, device,
                  checkpoint=None, init: Model | None = None):
+        if config.propagation == "random walker":
+            drawings.propagate()
         self.drawings, self.n_classes = drawings, drawings.n_classes
         self.n_positive = len(drawings.positive_targets)
         # Per plane: pixels whose label was painted after trust_new_strokes() (None: nothing is trusted).
@@ -365,7 +384,7 @@ class RefinesegTraining(TrainingLoop):
     def build_modules(self):
         n_labels, config = self.n_classes + 1, self.config
         network = unet_for(config.network, self.images.input_channels, self.images.slice_context, n_labels,
-                           config.base_channels, config.depth)
+                           config.base_channels, config.depth, config.downsample)
         heads = nn.ModuleList([TransitionHead(config.base_channels, n_labels, config.diagonal_bias)
                                for _ in range(self.n_heads)])
         return {"network": network, "heads": heads}
@@ -423,11 +442,10 @@ class RefinesegTraining(TrainingLoop):
         return terms
 
     @staticmethod
-    def _identity_heads(probabilities: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
-        """Heads held at the identity (see ``transition_heads``): ``q = p``, a regulariser of 0."""
-        batch, n_labels, height, width = probabilities.shape
-        identity = torch.eye(n_labels, device=probabilities.device).view(1, n_labels, n_labels, 1, 1)
-        return [identity.expand(batch, n_labels, n_labels, height, width)] * n_layers
+    def _identity_heads(probabilities: torch.Tensor, n_layers: int) -> list[None]:
+        """Heads held at the identity (see ``transition_heads``): ``q = p``, a regulariser of 0; ``None`` for the
+        losses, which skip the product with an identity (:func:`~napari_coarseseg.losses.coarse_distribution`)."""
+        return [None] * n_layers
 
     def initial_masks(self):
         return self.drawings.drawn_masks()
@@ -451,6 +469,8 @@ class RefinesegTraining(TrainingLoop):
     def take_drawings(self, layers):
         drawings = RefinesegDrawings(self.images, layers.get("positive"), layers.get("negative"),
                                      layers.get("background"), self.n_classes)
+        if self.config.propagation == "random walker":
+            drawings.propagate()
         if (drawings.positive_names, drawings.negative_names) != (self.drawings.positive_names,
                                                                   self.drawings.negative_names):
             raise AnnotationError("the drawing layers of a live session cannot change; stop it and start a new one")
@@ -497,6 +517,8 @@ class RefinesegTraining(TrainingLoop):
         config = self.config
         network = {"kind": config.network, "base_channels": config.base_channels, "depth": config.depth,
                    "n_heads": len(self.modules["heads"])}
+        if config.downsample != 1:  # cards without it are full resolution, as before the setting existed
+            network["downsample"] = config.downsample
         extra = {"heads": self.drawings.positive_names + self.drawings.negative_names,
                  "prior": {"training": self.training_prior.tolist(), "estimated": self.estimated_prior.tolist(),
                            "strength": self.prior_strength, "annotation_gap": self.annotation_gap}}
@@ -652,13 +674,14 @@ def predict_refineseg(model: Model, image, device="auto", tile_size: int = TILE_
 
 
 def unet_for(kind: str, input_channels: int, slice_context: int, n_labels: int, base_channels: int,
-             depth: int) -> UNet:
+             depth: int, downsample: int = 1) -> UNet:
     """The refineseg network of a kind (:data:`~napari_coarseseg.training.NETWORKS`) for ``input_channels``
     channels: a plane's and its ``slice_context`` neighbours' on either side."""
     if kind == "unet3d":
         slices = 2 * slice_context + 1
-        return SlabUNet(input_channels // slices, n_labels, base_channels, depth, slices=slices)
-    return UNet(input_channels, n_labels, base_channels, depth)
+        return SlabUNet(input_channels // slices, n_labels, base_channels, depth, slices=slices,
+                        downsample=downsample)
+    return UNet(input_channels, n_labels, base_channels, depth, downsample)
 
 
 def _check_distribution(value, name: str, n_labels: int) -> None:
@@ -714,7 +737,7 @@ def build_model(card: dict) -> Model:
     heads = nn.ModuleList([TransitionHead(int(network["base_channels"]), n_labels)
                            for _ in range(int(network.get("n_heads", 0)))])
     unet = unet_for(kind, input_channels(card), card.get("slice_context", 0), n_labels,
-                    int(network["base_channels"]), int(network["depth"]))
+                    int(network["base_channels"]), int(network["depth"]), int(network.get("downsample", 1)))
     return Model(unet, heads, card)
 
 
