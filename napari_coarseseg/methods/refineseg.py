@@ -189,10 +189,7 @@ class RefinesegDrawings:
         own = self.images.own_channels
         propagated = []
         for i, plane in enumerate(planes):
-            strokes = np.full(plane.shape[1:], -1, np.int64)
-            for strategy in self.positive_targets:  # where layers overlap, the first one wins
-                strokes = np.where(strokes < 0, strategy[i], strokes)
-            propagated.append(propagate_strokes(plane[own], strokes))
+            propagated.append(propagate_strokes(plane[own], self.merged_positive(i)))
         self.positive_targets.append(propagated)
         self.positive_names.append("propagated")
         return self
@@ -242,13 +239,17 @@ class RefinesegDrawings:
 
         Where layers overlap, the first layer wins; undrawn pixels are 0.
         """
-        merged = []
-        for plane in range(len(self.images.planes)):
-            labels = np.full(self.images.planes[plane].shape[1:], -1, dtype=np.int64)
-            for strategy in self.positive_targets:
-                labels = np.where(labels < 0, strategy[plane], labels)
-            merged.append(np.clip(labels, 0, None).astype(label_dtype(self.n_classes)))
+        merged = [np.clip(self.merged_positive(plane), 0, None).astype(label_dtype(self.n_classes))
+                  for plane in range(len(self.images.planes))]
         return self.images.masks_per_image(merged)
+
+    def merged_positive(self, plane: int) -> np.ndarray:
+        """The positive and background layers of one plane as one (Y, X) int64 target (-1: undrawn); where
+        layers overlap, the first one wins."""
+        labels = np.full(self.images.planes[plane].shape[1:], -1, dtype=np.int64)
+        for strategy in self.positive_targets:
+            labels = np.where(labels < 0, strategy[plane], labels)
+        return labels
 
 
 def adjust_to_prior(probabilities: np.ndarray, class_prior, training_prior, strength: float = 1.0) -> np.ndarray:
