@@ -135,11 +135,11 @@ class LiveSession:
         grid = derived_layer_kwargs(self._image_layer, len(self._shape))  # on the image's scale and grid
         _replace_layer(viewer, prediction_layer_name(name), np.zeros(self._shape, np.uint8), "labels", select=False,
                        opacity=0.5, **grid)
-        later(lambda: add_below(viewer, draw_here_layer_name(name), np.zeros(self._shape, np.float32),
+        later(viewer, lambda: add_below(viewer, draw_here_layer_name(name), np.zeros(self._shape, np.float32),
                                 prediction_layer_name(name), colormap="inferno", contrast_limits=(0, 1),
                                 opacity=0.6, visible=False, blending="additive", **grid))
         if not self._stack:
-            later(self._show_evolution)
+            later(viewer, self._show_evolution)
 
     def _show_evolution(self):
         """The evolution so far (plane 0: nothing yet), the user's selection kept."""

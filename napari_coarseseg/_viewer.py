@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import inspect
 import threading
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -291,7 +292,7 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event, image_laye
         if prediction.reliability is not None:
             # Below the prediction and hidden: a map to turn on, not a field that hides the image. Added in the
             # next turn of the event loop: each new layer costs the GUI 0.1-0.5 s, and two at once stall it.
-            later(lambda: add_below(viewer, reliability_layer_name(name), prediction.reliability,
+            later(viewer, lambda: add_below(viewer, reliability_layer_name(name), prediction.reliability,
                                     prediction_layer_name(name), colormap="magma", opacity=0.6, visible=False,
                                     **grid(prediction.reliability.ndim)))
         worker.model = model
@@ -315,11 +316,44 @@ def _training_worker(viewer, work, name: str, shape: tuple, on_event, image_laye
     return worker
 
 
-def later(function) -> None:
-    """Run ``function`` in a later turn of the Qt event loop (so that two slow GUI updates do not add up)."""
+LATER_MS = 1
+_later_queue: deque = deque()
+
+
+def later(viewer, function) -> None:
+    """Run ``function`` in a later turn of the Qt event loop, one such function per turn, so that slow GUI updates
+    (adding a layer costs napari 0.1-0.5 s) never add up to one stall.
+
+    Each runs on a ``LATER_MS`` timer started when the previous one ends: a 0 ms timer is a posted event, served
+    before the timers and paint events already due, which made two updates one stall. A function whose viewer
+    has been closed meanwhile is dropped.
+    """
+    _later_queue.append((viewer, function))
+    if len(_later_queue) == 1:
+        _run_later_soon()
+
+
+def _run_later_soon():
     from qtpy.QtCore import QTimer
 
-    QTimer.singleShot(0, function)
+    QTimer.singleShot(LATER_MS, _run_one_later)
+
+
+def _run_one_later():
+    viewer, function = _later_queue[0]
+    try:
+        if viewer_is_open(viewer):
+            function()
+    finally:
+        _later_queue.popleft()
+        if _later_queue:
+            _run_later_soon()
+
+
+def viewer_is_open(viewer) -> bool:
+    """Whether ``viewer``'s window (if it has one) is still open: napari's ``Window.close`` drops its Qt window."""
+    window = getattr(viewer, "window", None)
+    return window is None or hasattr(window, "_qt_window")
 
 
 def keep_selection(viewer):
