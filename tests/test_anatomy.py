@@ -137,3 +137,19 @@ def test_anatomy_settings_train_save_and_predict_a_shape_on_another_image(tmp_pa
     save_file(tensors, tmp_path / "bad.safetensors", metadata={**metadata, "coarseseg_card": json.dumps(card)})
     with pytest.raises(ModelFileError, match="network.downsample"):
         load_model(tmp_path / "bad.safetensors")
+
+
+def test_largest_component_per_class_removes_islands_in_3d_and_keeps_touching_slices():
+    from napari_coarseseg.postprocess import largest_component_per_class
+
+    labels = np.zeros((3, 20, 20), np.uint8)
+    labels[0:3, 5:10, 5:10] = 1  # one object across three slices (75 px)
+    labels[1, 15:17, 15:17] = 1  # an island of class 1 (4 px)
+    labels[0, 0:2, 0:2] = 2  # class 2: two islands, the larger one is kept
+    labels[2, 12:18, 0:3] = 2
+    kept = largest_component_per_class(labels)
+    assert kept.dtype == labels.dtype and labels[1, 15, 15] == 1  # the input is unchanged
+    assert (kept == 1).sum() == 75 and kept[1, 15, 15] == 0
+    assert (kept == 2).sum() == 18 and kept[0, 0, 0] == 0
+    with pytest.raises(ValueError, match="integers"):
+        largest_component_per_class(labels.astype(float))
