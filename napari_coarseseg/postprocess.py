@@ -48,9 +48,7 @@ def largest_component_per_class(labels: np.ndarray) -> np.ndarray:
         raise ValueError(f"labels must be integers (0 background, 1..K classes), got {labels.dtype}")
     kept = np.zeros_like(labels)
     for k in np.unique(labels[labels > 0]):  # a loop over classes (a handful), not pixels
-        components, n = ndimage.label(labels == k)
-        if n == 0:
-            continue
+        components, n = ndimage.label(labels == k)  # n >= 1: k occurs in labels
         # Component sizes by one bincount; index 0 is the outside of class k.
         sizes = np.bincount(components.ravel(), minlength=n + 1)
         sizes[0] = 0
