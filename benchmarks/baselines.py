@@ -15,6 +15,12 @@
   (:func:`napari_coarseseg.features.ilastik_features`: Gaussian, LoG,
   gradient magnitude, DoG, structure-tensor and Hessian eigenvalues at
   sigmas 0.3 ... 10) and a forest of 100 trees of unlimited depth.
+- :func:`forest_prior_readings`: the class-prior handling the network gets,
+  given to a forest: its probabilities re-weighted by
+  ``methods.refineseg.adjust_to_prior`` from the prior it was trained under
+  to the prior EM estimates on the training images, at the strength the
+  network's ``prior_strength="auto"`` sets from the same drawings and at
+  every fixed strength tried for the network.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import time
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt
 from torch.nn import functional as F
 
 from napari_coarseseg.data import PatchSampler, augment, normalize, to_planes
 from napari_coarseseg.features import ILASTIK_SIGMAS, ilastik_features
 from napari_coarseseg.inference import predict_planes
+from napari_coarseseg.methods.refineseg import adjust_to_prior, estimate_class_prior, prior_strength_for_gap
 from napari_coarseseg.networks import UNet
 from napari_coarseseg.training import (
     TrainingConfig,
@@ -271,3 +279,45 @@ def ilastik_forest_probabilities(forest, image) -> np.ndarray:
 def ilastik_forest_predict(forest, image) -> np.ndarray:
     """Class map (0 = background, k = class k) of a forest from :func:`ilastik_forest_fit` on one 2-D image."""
     return ilastik_forest_probabilities(forest, image).argmax(0)
+
+
+def annotation_gap(train_labels) -> float | None:
+    """Median distance (px) from an object stroke to the nearest background stroke, over the images that hold
+    both (``RefinesegDrawings.annotation_gap`` on forest labels: 1 background, k + 1 class k); None if none does."""
+    distances = [distance_transform_edt(labels != 1)[labels > 1] for labels in map(np.asarray, train_labels)
+                 if (labels == 1).any() and (labels > 1).any()]
+    return float(np.median(np.concatenate(distances))) if distances else None
+
+
+def forest_prior_readings(forest, train_images, train_labels, strengths=()) -> dict:
+    """The forest's readings with and without the network's class-prior correction: ``{suffix: labels(image)}``.
+
+    ``""``: the argmax of its probabilities; ``", prior auto"``: corrected at
+    the strength ``prior_strength_for_gap`` gives these drawings (what the
+    network's default does); ``", prior strength tau"`` for each of
+    ``strengths``. The forest was trained under its drawn pixels' class shares
+    (uniform with balanced class weights); the prior it is corrected to is
+    EM's estimate from its own posteriors on the training images, as the
+    network's is. One forest pass per image serves every reading.
+    """
+    train_labels = [np.asarray(labels) for labels in train_labels]
+    counts = np.bincount(np.concatenate([labels[labels > 0] for labels in train_labels]) - 1,
+                         minlength=len(forest.classes_)).astype(np.float64)
+    balanced = forest.class_weight in ("balanced", "balanced_subsample")
+    training = np.full(len(counts), 1 / len(counts)) if balanced else counts / counts.sum()
+    estimated = estimate_class_prior([ilastik_forest_probabilities(forest, image) for image in train_images],
+                                     training)
+    cache: dict = {}
+
+    def probabilities(image):
+        # Keyed by identity: the benchmarks hold their images for the whole run.
+        if id(image) not in cache:
+            cache[id(image)] = ilastik_forest_probabilities(forest, image)
+        return cache[id(image)]
+
+    def at(strength):
+        return lambda image: adjust_to_prior(probabilities(image), estimated, training, strength).argmax(0)
+
+    return {"": lambda image: probabilities(image).argmax(0),
+            ", prior auto": at(prior_strength_for_gap(annotation_gap(train_labels))),
+            **{f", prior strength {tau}": at(tau) for tau in strengths}}

@@ -33,23 +33,37 @@ initialisation): the brush of ``volume.py`` for thin structures (3-4 px),
 positive layer (1, 2); strokes on the rest its background layer; the forest
 gets the same strokes as three classes.
 
-Methods: ``refineseg`` with its defaults (``preset``) and without transition
-heads (``no heads``), each also with every slice normalised on its own
-(``... per slice``), slice-wise 2-D or (``--variant``) 2.5-D or 3-D; the forest of ``baselines.py`` (2-D
-multiscale features per slice) with its variants from ``volume.py``, the
-one with the best validation Dice reported. Scores, pooled over a split's
-slices: Dice of grey and of white matter and their mean (the rest, mostly
-air, would lift every mean alike and is left out).
+Methods (the same strokes):
+
+- ``refineseg`` with its defaults (``preset``) and without transition
+  heads (``no heads``), each also with every slice normalised on its own
+  (``... per slice``), slice-wise 2-D or (``--variant``) 2.5-D or 3-D;
+- ``random forest``: the forest of ``baselines.py`` (2-D multiscale
+  features per slice) with its variants from ``volume.py``, the one with
+  the best validation Dice reported;
+- ``forest (ilastik)``: the honest forest of ``realdata.py`` and
+  ``volume.py`` (ilastik's 49 default features per slice, 100 trees of
+  unlimited depth), as ilastik ships it (``as shipped``) or with balanced
+  class weights (``balanced``), each read as it predicts and with the
+  network's class-prior correction (``, prior auto``; ``, prior strength
+  tau``); reported as shipped and as chosen on validation among all of
+  these (``forest (tuned)``), which each refineseg setting is compared
+  with per seed (the random forest where the honest one has not run).
+
+Scores, pooled over a split's slices: Dice of grey and of white matter and
+their mean (the rest, mostly air, would lift every mean alike and is left
+out).
 
 Usage::
 
-    python benchmarks/brain_mri.py run [--methods refineseg "random forest"] [--settings preset "no heads"]
+    python benchmarks/brain_mri.py run [--methods refineseg "random forest" "forest (ilastik)"]
+                                       [--settings preset "no heads"]
                                        [--variant slicewise-2d] [--seeds 3] [--threads 2]
     python benchmarks/brain_mri.py report
 
 Runs are kept in ``results/brain_mri_runs.json`` (one per method, setting and
-seed; runs already there are skipped); writes ``brain_mri.md`` and
-``brain_mri.json``.
+seed, and per reading of the honest forest; runs already there are
+skipped); writes ``brain_mri.md`` and ``brain_mri.json``.
 """
 
 from __future__ import annotations
@@ -65,13 +79,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from realdata import keep_run, load_runs  # noqa: E402
-from volume import FOREST_VARIANTS, NETWORK_SETTINGS, REFINESEG_SETTINGS  # noqa: E402
+from realdata import ILASTIK_VARIANTS, PRIOR_STRENGTHS, keep_run, load_runs  # noqa: E402
+from volume import FOREST_VARIANTS, ILASTIK_READINGS, NETWORK_SETTINGS, REFINESEG_SETTINGS, read_slices  # noqa: E402
 
 from napari_coarseseg import load_preset, predict, run_to_end, simulate, train_refineseg  # noqa: E402
 from napari_coarseseg.metrics import dice  # noqa: E402
 
-from baselines import feature_seconds, random_forest_fit, random_forest_predict  # noqa: E402
+from baselines import (  # noqa: E402
+    feature_seconds,
+    forest_prior_readings,
+    ilastik_feature_seconds,
+    ilastik_forest_fit,
+    random_forest_fit,
+    random_forest_predict,
+)
 from report import add_run_options, mean_and_spread, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -82,7 +103,8 @@ N_DRAWN = 6
 DRAWING = {"margin": 0, "edge_noise": 0.5, "brush_width": (3, 4), "coverage": 0.15, "undrawn": 0.0}
 #: refineseg's settings: ``volume.py``'s first four (the preset, no heads, each also per slice).
 SETTINGS = ("preset", "no heads", "preset per slice", "no heads per slice")
-METHODS = ("refineseg", "random forest")
+METHODS = ("refineseg", "random forest", "forest (ilastik)")
+FORESTS = ("random forest", "forest (ilastik)")
 
 
 @lru_cache(maxsize=None)
@@ -144,10 +166,15 @@ def refineseg(image, tissue, rest, config, seed: int, device: str):
     return predict(model, image, device=device).labels, seconds
 
 
+def forest_strokes(tissue, rest, drawn) -> list:
+    """The forests' training labels, one per drawn slice: 1 rest, 2 grey, 3 white matter, 0 undrawn."""
+    return [np.where(rest[z] > 0, 1, np.where(tissue[z] > 0, tissue[z] + 1, 0)) for z in drawn]
+
+
 def random_forest(image, tissue, rest, drawn, predicted, settings: dict, seed: int, threads: int):
     """The forest on the drawn slices' strokes (1 rest, 2 grey, 3 white matter): ``(labels, seconds)``, the
     seconds counting the drawn slices' features."""
-    strokes = [np.where(rest[z] > 0, 1, np.where(tissue[z] > 0, tissue[z] + 1, 0)) for z in drawn]
+    strokes = forest_strokes(tissue, rest, drawn)
     start = time.perf_counter()
     forest = random_forest_fit([image[z] for z in drawn], strokes, seed=seed, n_jobs=threads, **settings)
     seconds = time.perf_counter() - start + sum(feature_seconds(image[z], settings["sigma_max"]) for z in drawn)
@@ -157,36 +184,109 @@ def random_forest(image, tissue, rest, drawn, predicted, settings: dict, seed: i
     return labels, seconds
 
 
+def ilastik_forest(image, tissue, rest, drawn, predicted, settings: dict, seed: int, threads: int):
+    """The honest forest on the random forest's strokes, predicting ``predicted`` in each of its readings:
+    ``({suffix of ILASTIK_READINGS: labels}, seconds)``, the seconds the fit's and the drawn slices' features'
+    (cached across variants: what they took when first computed)."""
+    planes, strokes = [image[z] for z in drawn], forest_strokes(tissue, rest, drawn)
+    # The features first, off the clock: the fit would compute them on it, and they are then counted again.
+    features = sum(ilastik_feature_seconds(plane) for plane in planes)
+    start = time.perf_counter()
+    forest = ilastik_forest_fit(planes, strokes, seed=seed, n_jobs=threads, **settings)
+    seconds = time.perf_counter() - start + features
+    return read_slices(forest_prior_readings(forest, planes, strokes, PRIOR_STRENGTHS), image, predicted), seconds
+
+
+def planned(args) -> list[tuple[str, str, dict]]:
+    """The ``(method, setting, parameters)`` of every run asked for, per seed."""
+    # Runs of a network other than slice-wise 2-D carry its name after the setting's.
+    variant = "" if args.variant == "slicewise-2d" else f", {args.variant}"
+    networks = {name + variant: {**REFINESEG_SETTINGS[name], **NETWORK_SETTINGS[args.variant]}
+                for name in args.settings}
+    settings = {"random forest": FOREST_VARIANTS, "forest (ilastik)": ILASTIK_VARIANTS}
+    return [(m, s, p) for m in args.methods for s, p in settings.get(m, networks).items()]
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     image, classes = load_volume()
     slices = split_slices(classes)
+    predicted = slices["validation"] + slices["test"]
     config = load_preset("refineseg").replace(evolution_every=0)
     runs = load_runs(args.runs)
-    # Runs of a network other than slice-wise 2-D carry its name after the setting's.
-    variant = "" if args.variant == "slicewise-2d" else f", {args.variant}"
-    plan = [(m, s, p) for m in args.methods for s, p in
-            (FOREST_VARIANTS if m == "random forest" else
-             {name + variant: {**REFINESEG_SETTINGS[name], **NETWORK_SETTINGS[args.variant]}
-              for name in args.settings}).items()]
     for seed in range(args.seeds):
         tissue, rest = drawings_of(classes, slices["drawn"], seed)
-        for method, setting, parameters in plan:
-            key = f"{method}|{setting}|seed {seed}"
-            if key in runs and not args.force:
+        drawn_pixels = {"tissue": int((tissue > 0).sum()), "rest": int((rest > 0).sum())}
+        for method, setting, parameters in planned(args):
+            # The honest forest's one fit gives a record per reading: it is fitted only if one of them is missing.
+            suffixes = ILASTIK_READINGS if method == "forest (ilastik)" else ("",)
+            if not args.force and all(f"{method}|{setting}{s}|seed {seed}" in runs for s in suffixes):
                 continue
-            if method == "random forest":
-                labels, seconds = random_forest(image, tissue, rest, slices["drawn"],
-                                                slices["validation"] + slices["test"], parameters, seed, args.threads)
+            if method == "forest (ilastik)":
+                volumes, seconds = ilastik_forest(image, tissue, rest, slices["drawn"], predicted, parameters, seed,
+                                                  args.threads)
+            elif method == "random forest":
+                labels, seconds = random_forest(image, tissue, rest, slices["drawn"], predicted, parameters, seed,
+                                                args.threads)
+                volumes = {"": labels}
             else:
                 labels, seconds = refineseg(image, tissue, rest, config.replace(**parameters), seed, args.device)
-            record = {"method": method, "setting": setting, "seed": seed, "seconds": seconds,
-                      "steps": None if method == "random forest" else config.steps,
-                      "val": score(labels, classes, slices["validation"]),
-                      "test": score(labels, classes, slices["test"]),
-                      "drawn_pixels": {"tissue": int((tissue > 0).sum()), "rest": int((rest > 0).sum())}}
-            runs = keep_run(key, record, args)
+                volumes = {"": labels}
+            for suffix, labels in volumes.items():
+                key = f"{method}|{setting}{suffix}|seed {seed}"
+                if key in runs and not args.force:
+                    continue
+                record = {"method": method, "setting": setting + suffix, "seed": seed, "seconds": seconds,
+                          "steps": None if method in FORESTS else config.steps,
+                          "val": score(labels, classes, slices["validation"]),
+                          "test": score(labels, classes, slices["test"]), "drawn_pixels": drawn_pixels}
+                runs = keep_run(key, record, args)
     return report(args)
+
+
+def best_setting(groups: dict, method: str) -> str | None:
+    """The setting of ``method`` with the best mean VALIDATION Dice among those run with the most seeds."""
+    settings = {s: records for (m, s), records in groups.items() if m == method}
+    return max(settings, key=lambda s: (len(settings[s]), np.mean([r["val"]["dice"] for r in settings[s]])),
+               default=None)
+
+
+def _row(name: str, records) -> str:
+    return (f"| {name} | {len(records)} | {mean_and_spread([r['val']['dice'] for r in records])} | "
+            + " | ".join(mean_and_spread([r["test"][m] for r in records]) for m in ("dice_1", "dice_2", "dice"))
+            + f" | {np.mean([r['seconds'] for r in records]):.0f} |")
+
+
+def tables(groups: dict, figures: dict) -> list[str]:
+    """Every setting of refineseg and the random forest (its best on validation marked), the honest forest as
+    shipped and tuned (chosen on validation among its class weights and readings), each refineseg setting minus
+    the forest (tuned), or the random forest where the honest one has no records, per seed; then every reading
+    of the honest forest."""
+    header = ["| method: setting | seeds | val Dice | test Dice grey matter | test Dice white matter "
+              "| test Dice, mean | train s |", "|---|---|---|---|---|---|---|"]
+    best_forest, tuned = best_setting(groups, "random forest"), best_setting(groups, "forest (ilastik)")
+    rows = [(f"{m}: {s}", " (chosen on validation)" if m == "random forest" and s == best_forest else "", records)
+            for (m, s), records in sorted(groups.items()) if m != "forest (ilastik)"]
+    if ("forest (ilastik)", "as shipped") in groups:
+        rows.append(("forest (ilastik): as shipped", "", groups[("forest (ilastik)", "as shipped")]))
+    if tuned:
+        rows.append((f"forest (tuned): {tuned}", " (chosen on validation)", groups[("forest (ilastik)", tuned)]))
+    lines = header + [_row(name + chosen, records) for name, chosen, records in rows]
+    figures["rows"] = {name: records for name, _, records in rows}
+    # Against the forest chosen on validation: the honest one (tuned) once it has run, else the random forest.
+    against, forest = (("forest (tuned)", ("forest (ilastik)", tuned)) if tuned else
+                       ("random forest", ("random forest", best_forest)))
+    by_seed = {r["seed"]: r["test"]["dice"] for r in groups.get(forest, [])}
+    if by_seed:
+        figures["minus_forest_against"] = f"{against}: {forest[1]}"
+    for (method, setting), records in sorted(groups.items()) if by_seed else []:
+        differences = [r["test"]["dice"] - by_seed[r["seed"]] for r in records if r["seed"] in by_seed]
+        if method == "refineseg" and differences:
+            figures.setdefault("minus_forest", {})[setting] = differences
+            lines += ["", f"refineseg ({setting}) minus the {against}, test Dice (mean of grey and white matter): "
+                          f"mean {np.mean(differences):+.3f}, per seed {', '.join(f'{d:+.3f}' for d in differences)}."]
+    readings = [_row(f"{m}: {s}", records) for (m, s), records in sorted(groups.items()) if m == "forest (ilastik)"]
+    return lines + (["", "Every reading of the honest forest:", "", *header, *readings] if readings else [])
 
 
 def report(args) -> int:
@@ -194,31 +294,10 @@ def report(args) -> int:
     _, classes = load_volume()
     slices = split_slices(classes)
     groups: dict = {}
-    for record in runs.values():
+    for record in sorted(runs.values(), key=lambda r: r["seed"]):
         groups.setdefault((record["method"], record["setting"]), []).append(record)
-    forests = {s: r for (m, s), r in groups.items() if m == "random forest"}
-    best_forest = max(forests, key=lambda s: (len(forests[s]), np.mean([r["val"]["dice"] for r in forests[s]])),
-                      default=None)
-    lines = ["| method: setting | seeds | val Dice | test Dice grey matter | test Dice white matter "
-             "| test Dice, mean | train s |", "|---|---|---|---|---|---|---|"]
-    figures = {**slices, "rows": {}}
-    for (method, setting), records in sorted(groups.items()):
-        records = sorted(records, key=lambda r: r["seed"])
-        chosen = " (chosen on validation)" if method == "random forest" and setting == best_forest else ""
-        lines.append(f"| {method}: {setting}{chosen} | {len(records)} | "
-                     f"{mean_and_spread([r['val']['dice'] for r in records])} | "
-                     + " | ".join(mean_and_spread([r["test"][m] for r in records])
-                                  for m in ("dice_1", "dice_2", "dice"))
-                     + f" | {np.mean([r['seconds'] for r in records]):.0f} |")
-        figures["rows"][f"{method}: {setting}"] = records
-    if best_forest:
-        by_seed = {r["seed"]: r["test"]["dice"] for r in forests[best_forest]}
-        for (method, setting), records in sorted(groups.items()):
-            differences = [r["test"]["dice"] - by_seed[r["seed"]] for r in records if r["seed"] in by_seed]
-            if method == "refineseg" and differences:
-                lines += ["", f"refineseg ({setting}) minus the forest, test Dice (mean of grey and white matter): "
-                              f"mean {np.mean(differences):+.3f}, per seed "
-                              f"{', '.join(f'{d:+.3f}' for d in differences)}."]
+    figures = {**slices}
+    lines = tables(groups, figures)
     machines = sorted({f"{r['machine']}, {r['device']}, {r['threads']} threads" for r in runs.values()})
     text = (f"MNI ICBM152 2009a T1 template in {THICKNESS}-mm axial slices ({classes.shape[0]} slices of "
             f"{classes.shape[1]} x {classes.shape[2]}); strokes on slices {', '.join(map(str, slices['drawn']))}; "

@@ -2,10 +2,10 @@
 
 RefineSeg's claim: with ``q = A p``, a head ``A`` can take up an annotator's
 systematic error so that ``p`` learns the true classes. This script trains the
-``refineseg`` preset on the DSB training quadrants with scribble drawings whose
-positive strokes are dilated by ``--bias`` px (``benchmarks/realdata.py``'s
-annotator), then reads, on the training images, the positive layer's head and
-the network per pixel group:
+``refineseg`` preset with its heads (``transition_heads="all"``) on the DSB
+training quadrants with scribble drawings whose positive strokes are dilated
+by ``--bias`` px (``benchmarks/realdata.py``'s annotator), then reads, on the
+training images, the positive layer's head and the network per pixel group:
 
 - ``spill``: drawn positive but truly background (the bias ring: where a head
   should say "observed object | true background", ``A[1, 0]`` high, while
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     data = load_dataset("dsb2018_nuclei")
     positive, negative, _ = drawings_of(data, args.seed, args.bias)
     images = data.images["train"]
-    model = run_to_end(train_refineseg(images, positive, negative, config=load_preset("refineseg"), seed=args.seed,
+    # The paper's model: the preset ships without heads now.
+    config = load_preset("refineseg").replace(transition_heads="all")
+    model = run_to_end(train_refineseg(images, positive, negative, config=config, seed=args.seed,
                                        steps=args.steps, device="cpu"))
     network = model.network.eval()
     heads = model.heads.eval()

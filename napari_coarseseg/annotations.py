@@ -59,6 +59,10 @@ UNANNOTATED = -1
 #: memory grows with the square of the class count (refineseg's transition heads), so a value beyond it is almost
 #: always a wrong file (an image, a 0/255 mask) rather than that many classes.
 MAX_CLASSES = 255
+#: The most classes a run infers from its drawings' largest value alone; beyond it the caller says the count
+#: (``n_classes``, ``--classes``). More is nearly always instance ids, an image or a stray value given as class
+#: labels (each drawn value is a class: ids 1..150 of nuclei make a 150-class network).
+MANY_CLASSES = 32
 
 
 # The layer.metadata key under which napari layers carry their Role (set by the widgets and the samples).
@@ -318,12 +322,21 @@ def class_count(n_classes, drawn: int, what: str = "a drawing") -> int:
     """The class count K of a run: ``n_classes`` if given (1..:data:`MAX_CLASSES`, at least the largest drawn
     class ``drawn``), else ``drawn`` (at least 1).
 
+    More than :data:`MANY_CLASSES` are inferred only when ``n_classes``
+    says so (an :class:`AnnotationError` otherwise).
+
     Examples
     --------
-    >>> class_count(None, 3), class_count(5, 3)
-    (3, 5)
+    >>> class_count(None, 3), class_count(5, 3), class_count(190, 190)
+    (3, 5, 190)
     """
     if n_classes is None:
+        if drawn > MANY_CLASSES:
+            raise AnnotationError(
+                f"{what} holds values up to {drawn}, which would make a {drawn}-class network: instance ids, an "
+                f"image or a stray value rather than class labels? Give classes 1..K (on the command line "
+                f"--binary makes every non-zero value class 1), or say the count: --classes {drawn} (n_classes="
+                f"{drawn} in Python) if you mean {drawn} classes")
         return max(int(drawn), 1)
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
             or not 1 <= n_classes <= MAX_CLASSES:

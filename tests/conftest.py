@@ -101,9 +101,11 @@ TINY = dict(steps=5, base_channels=4, depth=2, patch_size=32, batch_size=2, evol
 
 @pytest.fixture(scope="session")
 def tiny_model(discs, disc_drawings):
-    """A one-class refineseg model trained 5 steps on the disc image (one positive, one negative layer)."""
+    """A one-class refineseg model trained 5 steps on the disc image (one positive, one negative layer), with the
+    paper's transition heads (the preset has none): the heads' files, reliability map and checks get exercised."""
     image, _ = discs
-    return run_to_end(train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative], seed=0, **TINY))
+    return run_to_end(train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative], seed=0,
+                                      transition_heads="all", **TINY))
 
 
 @pytest.fixture(scope="session")
@@ -111,16 +113,17 @@ def disc_model(discs, disc_drawings):
     """A refineseg model trained 150 steps on the disc image: small (8 channels, depth 2) but good."""
     image, _ = discs
     # A faster learning rate than the default 1e-3: 150 steps of a tiny network.
-    settings = dict(TINY, steps=150, base_channels=8, batch_size=4, learning_rate=3e-3)
+    settings = dict(TINY, steps=150, base_channels=8, batch_size=4, learning_rate=3e-3, transition_heads="all")
     return run_to_end(train_refineseg(image, [disc_drawings.positive], [disc_drawings.negative], seed=0, **settings))
 
 
 @pytest.fixture(scope="session")
 def tiny_two_class_model(two_class):
-    """A two-class refineseg model trained 5 steps on the disc-and-square image."""
+    """A two-class refineseg model trained 5 steps on the disc-and-square image, with transition heads."""
     image, mask = two_class
     drawings = simulate(mask, erode=(1, 2), margin=3, seed=0)
-    return run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], seed=0, **TINY))
+    return run_to_end(train_refineseg(image, [drawings.positive], [drawings.negative], seed=0, transition_heads="all",
+                                      **TINY))
 
 
 # --------------------------------------------------------------------------- napari (GUI tests only)

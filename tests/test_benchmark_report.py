@@ -139,3 +139,40 @@ def test_seconds_to_final_is_the_first_time_within_a_hundredth_of_the_final_dice
     assert realdata.seconds_to_final(evolution, list(truth)) == 3.0
     assert realdata.seconds_to_final(evolution, list(truth), tolerance=0.12) == 2.0
     assert realdata.seconds_to_final([], list(truth)) is None
+
+
+@pytest.fixture
+def baselines(import_benchmark):
+    return import_benchmark("baselines")
+
+
+def test_annotation_gap_of_forest_labels_is_the_median_distance_from_object_to_background_strokes(baselines):
+    labels = np.zeros((3, 12), int)
+    labels[:, 0] = 1  # background strokes in column 0
+    labels[0, 4] = labels[1, 6] = labels[2, 11] = 2  # object strokes 4, 6 and 11 px away
+    only_objects = np.where(labels == 2, 2, 0)
+    assert baselines.annotation_gap([labels, only_objects]) == 6.0
+    assert baselines.annotation_gap([only_objects]) is None
+
+
+def test_forest_prior_readings_shrink_a_class_drawn_more_often_than_it_occurs(baselines):
+    """Strokes drawn half on the bright blobs, which cover a tenth of the image: EM's prior puts the blobs below
+    their drawn share, so every correction labels fewer pixels blob than the forest's own argmax, more so the
+    stronger it is, and the automatic strength is the one prior_strength_for_gap gives the drawings' gap."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    blobs = ((yy % 32 - 16) ** 2 + (xx % 32 - 16) ** 2) < 36  # nine disks of radius 6: 11 % of the image
+    image = gaussian_filter(blobs.astype(float), 2) + rng.normal(0, 0.15, blobs.shape)
+    labels = np.zeros(blobs.shape, int)
+    labels[(yy % 32 == 16) & (abs(xx % 32 - 16) < 3)] = 2  # short strokes through the blob centres
+    labels[(yy % 32 == 0) & (xx % 4 == 0)] = 1  # as many background pixels, between the blobs
+    forest = baselines.ilastik_forest_fit([image], [labels], n_estimators=20, n_jobs=1)
+    readings = baselines.forest_prior_readings(forest, [image], [labels], strengths=(1, 4))
+    assert set(readings) == {"", ", prior auto", ", prior strength 1", ", prior strength 4"}
+    blob_pixels = {suffix: int(read(image).sum()) for suffix, read in readings.items()}
+    assert blob_pixels[", prior strength 4"] < blob_pixels[", prior strength 1"] < blob_pixels[""]
+    # The blob strokes lie about 16 px from the background rows: prior_strength_for_gap(16) is 1.
+    assert baselines.annotation_gap([labels]) == pytest.approx(16.0, abs=0.1)
+    np.testing.assert_array_equal(readings[", prior auto"](image), readings[", prior strength 1"](image))

@@ -85,7 +85,8 @@ def test_undrawn_slices_carry_no_supervised_loss(em_volume, regulariser_on):
     transition heads towards the identity on every pixel, unsupervised; on "drawn pixels" nothing does."""
     image, _, positive, negative = em_volume
     config = load_preset("refineseg").replace(steps=12, base_channels=4, depth=2, patch_size=32, batch_size=8,
-                                              evolution_every=0, regulariser_on=regulariser_on)
+                                              evolution_every=0, regulariser_on=regulariser_on,
+                                              transition_heads="all")
     images = TrainingImages(image)
     loop = RecordingTraining(images, RefinesegDrawings(images, [positive], [negative]), config, seed=0,
                              device="cpu")
@@ -103,6 +104,23 @@ def test_undrawn_slices_carry_no_supervised_loss(em_volume, regulariser_on):
         assert np.all(regulariser[undrawn_slice] > 0)
     else:
         assert np.all(regulariser[undrawn_slice] == 0)
+
+
+def test_a_batch_without_drawn_pixels_or_heads_steps_with_a_zero_gradient(em_volume):
+    """The preset has no transition heads, so a batch whose patches hold no drawn pixel (all on undrawn slices)
+    has a loss that depends on nothing trained: it still backpropagates, every gradient 0, instead of stopping
+    the run ("element 0 of tensors does not require grad")."""
+    image, _, positive, negative = em_volume
+    config = load_preset("refineseg").replace(steps=1, base_channels=4, depth=2, patch_size=32, batch_size=2)
+    images = TrainingImages(image)
+    loop = RefinesegTraining(images, RefinesegDrawings(images, [positive], [negative]), config, seed=0, device="cpu")
+    assert loop.n_heads == 0
+    batch = torch.rand(2, images.input_channels, 32, 32)
+    nothing_drawn = torch.full((2, 2, 32, 32), -1)  # (layers, patches, P, P)
+    terms = loop.loss_terms(loop.forward(batch), nothing_drawn, batch)
+    terms["total"].backward()
+    gradients = [parameter.grad for parameter in loop.modules["network"].parameters()]
+    assert gradients and all(g is not None and not g.any() for g in gradients)
 
 
 def test_two_drawn_slices_segment_the_undrawn_ones(em_volume):
