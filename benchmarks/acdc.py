@@ -390,7 +390,8 @@ def report(args) -> int:
             "HD95 in pixels, averaged over the structures a prediction found (structures "
             f"missed in all runs' test volumes: {missed}). Training s: drawings to model, the networks' on "
             f"{network_runs[0].get('threads', '?')} threads of a {network_runs[0].get('machine', '?')} CPU "
-            "alone, the forests' on 1-2 threads (seed 0 beside other work).\n\n" + "\n".join(lines) + "\n"
+            "(the quick budget's alone; the full budget's beside other benchmarks for most of its time, an upper "
+            "bound), the forests' on 1-2 threads (seed 0 beside other work).\n\n" + "\n".join(lines) + "\n"
             + "".join(f"\n{m}\n" for m in margins)) if groups else "No runs yet.\n"
     write_results(args.out, "acdc", text, figures)
     return 0
