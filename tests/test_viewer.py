@@ -34,8 +34,9 @@ def test_refineseg_training_fills_evolution_and_adds_prediction_without_blocking
     timer.start()
     events, frozen, added = [], [], {}
     viewer.layers.events.inserted.connect(lambda e: added.setdefault(e.value.name, time.perf_counter()))
+    # With transition heads (the preset has none since issue 31), so that the reliability layer comes too.
     worker = train_in_viewer(viewer, "discs", positive=["positive"], negative=["negative"], steps=30,
-                             evolution_every=10, seed=0, start=False,
+                             evolution_every=10, seed=0, start=False, transition_heads="all",
                              on_event=lambda e: (events.append((e, time.perf_counter())),
                                                  frozen.append(gc.get_freeze_count())), **TINY)
     with qtbot.waitSignal(worker.finished, timeout=120_000):
