@@ -30,13 +30,17 @@ import time
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt
 from torch.nn import functional as F
 
-from napari_coarseseg.data import PatchSampler, augment, normalize, to_planes
+from napari_coarseseg.data import PatchSampler, TrainingImages, augment, normalize, to_planes
 from napari_coarseseg.features import ILASTIK_SIGMAS, ilastik_features
 from napari_coarseseg.inference import predict_planes
-from napari_coarseseg.methods.refineseg import adjust_to_prior, estimate_class_prior, prior_strength_for_gap
+from napari_coarseseg.methods.refineseg import (
+    RefinesegDrawings,
+    adjust_to_prior,
+    estimate_class_prior,
+    prior_strength_for_gap,
+)
 from napari_coarseseg.networks import UNet
 from napari_coarseseg.training import (
     TrainingConfig,
@@ -281,12 +285,26 @@ def ilastik_forest_predict(forest, image) -> np.ndarray:
     return ilastik_forest_probabilities(forest, image).argmax(0)
 
 
-def annotation_gap(train_labels) -> float | None:
-    """Median distance (px) from an object stroke to the nearest background stroke, over the images that hold
-    both (``RefinesegDrawings.annotation_gap`` on forest labels: 1 background, k + 1 class k); None if none does."""
-    distances = [distance_transform_edt(labels != 1)[labels > 1] for labels in map(np.asarray, train_labels)
-                 if (labels == 1).any() and (labels > 1).any()]
-    return float(np.median(np.concatenate(distances))) if distances else None
+def annotation_gap(train_images, train_labels) -> float | None:
+    """``RefinesegDrawings.annotation_gap`` of forest labels (1 background, k + 1 class k): the median distance
+    (px) from an object stroke to the nearest background stroke; None where no image holds both."""
+    labels = [np.asarray(plane) for plane in train_labels]
+    objects = [np.where(plane > 1, plane - 1, 0) for plane in labels]
+    background = [(plane == 1).astype(np.uint8) for plane in labels]
+    if not any(o.any() for o in objects) or not any(b.any() for b in background):
+        return None  # RefinesegDrawings refuses a layer empty on every image
+    images = TrainingImages(list(train_images))
+    return RefinesegDrawings(images, [objects], background=[background]).annotation_gap()
+
+
+def ilastik_forest_timed(train_images, train_labels, **options):
+    """:func:`ilastik_forest_fit` and its seconds: the fit's and the training images' features'. The features
+    are computed first, off the fit's clock, so that they are counted once (they are cached across the variants of
+    a benchmark: what they took when first computed)."""
+    features = sum(ilastik_feature_seconds(image) for image in train_images)
+    start = time.perf_counter()
+    forest = ilastik_forest_fit(train_images, train_labels, **options)
+    return forest, time.perf_counter() - start + features
 
 
 def forest_prior_readings(forest, train_images, train_labels, strengths=()) -> dict:
@@ -319,5 +337,5 @@ def forest_prior_readings(forest, train_images, train_labels, strengths=()) -> d
         return lambda image: adjust_to_prior(probabilities(image), estimated, training, strength).argmax(0)
 
     return {"": lambda image: probabilities(image).argmax(0),
-            ", prior auto": at(prior_strength_for_gap(annotation_gap(train_labels))),
+            ", prior auto": at(prior_strength_for_gap(annotation_gap(train_images, train_labels))),
             **{f", prior strength {tau}": at(tau) for tau in strengths}}

@@ -88,8 +88,7 @@ from napari_coarseseg.metrics import dice  # noqa: E402
 from baselines import (  # noqa: E402
     feature_seconds,
     forest_prior_readings,
-    ilastik_feature_seconds,
-    ilastik_forest_fit,
+    ilastik_forest_timed,
     random_forest_fit,
     random_forest_predict,
 )
@@ -189,11 +188,7 @@ def ilastik_forest(image, tissue, rest, drawn, predicted, settings: dict, seed: 
     ``({suffix of ILASTIK_READINGS: labels}, seconds)``, the seconds the fit's and the drawn slices' features'
     (cached across variants: what they took when first computed)."""
     planes, strokes = [image[z] for z in drawn], forest_strokes(tissue, rest, drawn)
-    # The features first, off the clock: the fit would compute them on it, and they are then counted again.
-    features = sum(ilastik_feature_seconds(plane) for plane in planes)
-    start = time.perf_counter()
-    forest = ilastik_forest_fit(planes, strokes, seed=seed, n_jobs=threads, **settings)
-    seconds = time.perf_counter() - start + features
+    forest, seconds = ilastik_forest_timed(planes, strokes, seed=seed, n_jobs=threads, **settings)
     return read_slices(forest_prior_readings(forest, planes, strokes, PRIOR_STRENGTHS), image, predicted), seconds
 
 

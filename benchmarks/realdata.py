@@ -98,8 +98,7 @@ from napari_coarseseg.samples import load_dsb_nuclei  # noqa: E402
 from baselines import (  # noqa: E402
     feature_seconds,
     forest_prior_readings,
-    ilastik_feature_seconds,
-    ilastik_forest_fit,
+    ilastik_forest_timed,
     predict_dense,
     random_forest_fit,
     random_forest_predict,
@@ -365,11 +364,9 @@ def run_random_forest(data: Dataset, positive, negative, seed: int, settings: di
 def run_ilastik_forest(data: Dataset, positive, negative, seed: int, settings: dict, threads: int):
     """The honest forest on the strokes; ``({suffix: predict function}, seconds)``, one per prior reading
     (``baselines.forest_prior_readings``: as it predicts, the network's automatic correction, each fixed strength).
-    The seconds count the training images' features (cached across variants: what they took when first computed)."""
+    The seconds are the fit's and the training images' features' (``baselines.ilastik_forest_timed``)."""
     strokes, images = forest_strokes(data, positive, negative), data.images["train"]
-    start = time.perf_counter()
-    forest = ilastik_forest_fit(images, strokes, seed=seed, n_jobs=threads, **settings)
-    seconds = time.perf_counter() - start + sum(ilastik_feature_seconds(image) for image in images)
+    forest, seconds = ilastik_forest_timed(images, strokes, seed=seed, n_jobs=threads, **settings)
     return forest_prior_readings(forest, images, strokes, PRIOR_STRENGTHS), seconds
 
 

@@ -95,8 +95,7 @@ from napari_coarseseg.metrics import dice, instances_of, match_instances  # noqa
 from baselines import (  # noqa: E402
     feature_seconds,
     forest_prior_readings,
-    ilastik_feature_seconds,
-    ilastik_forest_fit,
+    ilastik_forest_timed,
     predict_dense,
     random_forest_fit,
     random_forest_predict,
@@ -250,11 +249,7 @@ def ilastik_forest(image, positive, negative, settings: dict, seed: int, threads
     ``({suffix of ILASTIK_READINGS: labels volume}, seconds)``. The seconds are the fit's and the drawn slices'
     features' (cached across variants: what they took when first computed)."""
     planes, strokes = [image[z] for z in DRAWN], forest_strokes(positive, negative)
-    # The features first, off the clock: the fit would compute them on it, and they are then counted again.
-    features = sum(ilastik_feature_seconds(plane) for plane in planes)
-    start = time.perf_counter()
-    forest = ilastik_forest_fit(planes, strokes, seed=seed, n_jobs=threads, **settings)
-    seconds = time.perf_counter() - start + features
+    forest, seconds = ilastik_forest_timed(planes, strokes, seed=seed, n_jobs=threads, **settings)
     readings = forest_prior_readings(forest, planes, strokes, PRIOR_STRENGTHS)
     return read_slices(readings, image, VALIDATION + TEST), seconds
 

@@ -151,8 +151,9 @@ def test_annotation_gap_of_forest_labels_is_the_median_distance_from_object_to_b
     labels[:, 0] = 1  # background strokes in column 0
     labels[0, 4] = labels[1, 6] = labels[2, 11] = 2  # object strokes 4, 6 and 11 px away
     only_objects = np.where(labels == 2, 2, 0)
-    assert baselines.annotation_gap([labels, only_objects]) == 6.0
-    assert baselines.annotation_gap([only_objects]) is None
+    images = np.random.default_rng(0).random((2, *labels.shape)).astype(np.float32)
+    assert baselines.annotation_gap(list(images), [labels, only_objects]) == 6.0
+    assert baselines.annotation_gap(list(images[:1]), [only_objects]) is None
 
 
 def test_forest_prior_readings_shrink_a_class_drawn_more_often_than_it_occurs(baselines):
@@ -174,5 +175,5 @@ def test_forest_prior_readings_shrink_a_class_drawn_more_often_than_it_occurs(ba
     blob_pixels = {suffix: int(read(image).sum()) for suffix, read in readings.items()}
     assert blob_pixels[", prior strength 4"] < blob_pixels[", prior strength 1"] < blob_pixels[""]
     # The blob strokes lie about 16 px from the background rows: prior_strength_for_gap(16) is 1.
-    assert baselines.annotation_gap([labels]) == pytest.approx(16.0, abs=0.1)
+    assert baselines.annotation_gap([image], [labels]) == pytest.approx(16.0, abs=0.1)
     np.testing.assert_array_equal(readings[", prior auto"](image), readings[", prior strength 1"](image))
